@@ -1,0 +1,517 @@
+//! The engine thread: drain requests → schedule → one batched forward →
+//! sample → detokenize → stop checks → events. No lock around any of it.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use llama_model::{BlockAllocator, KvCacheSpec, LlamaModel};
+
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::handle::{Command, EngineHandle, EngineStats, EventSender, Limits, Shared, Submission};
+use crate::request::{
+    EngineError, FinishReason, GenerateRequest, SampledLogprobs, StreamEvent, TokenLogprob, Usage,
+};
+use crate::runner::{CandleRunner, ModelRunner, StepOutput};
+use crate::sampling::{Sampled, Sampler};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, StepPlan};
+use crate::stop::StopMatcher;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens in one step: bounds how long a prompt chunk can stall decodes.
+    pub max_num_batched_tokens: usize,
+    /// Most requests waiting to start; more are refused with `Overloaded`.
+    pub max_queue: usize,
+    pub kv_cache: KvCacheSpec,
+    pub max_n: usize,
+    pub max_logprobs: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 256,
+            max_num_batched_tokens: 512,
+            max_queue: 1024,
+            kv_cache: KvCacheSpec::default(),
+            max_n: 16,
+            max_logprobs: 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineStartError {
+    #[error(transparent)]
+    Model(#[from] llama_model::ModelError),
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("invalid engine config: {0}")]
+    Config(String),
+}
+
+/// Starts the engine thread over a Candle model.
+pub fn start_engine(model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig) -> Result<EngineHandle, EngineStartError> {
+    let kv = model.new_kv_cache(&config.kv_cache)?;
+    let alloc = kv.allocator();
+    let model_cfg = model.config().clone();
+    let mut eos = model_cfg.eos_token_ids.clone();
+    eos.extend(tokenizer.eos_id());
+    tracing::info!(
+        blocks = kv.num_blocks(),
+        block_size = kv.block_size(),
+        kv_bytes = kv.total_bytes(),
+        bytes_per_token = kv.bytes_per_token(),
+        "KV cache allocated"
+    );
+    let runner = CandleRunner::new(model, kv);
+    start_with_runner(Box::new(runner), alloc, tokenizer, eos, model_cfg.max_position_embeddings, config)
+}
+
+/// Starts the engine thread over any runner (the scripted one in tests).
+pub fn start_with_runner(
+    runner: Box<dyn ModelRunner>,
+    alloc: BlockAllocator,
+    tokenizer: Tokenizer,
+    mut eos: Vec<u32>,
+    max_positions: usize,
+    config: EngineConfig,
+) -> Result<EngineHandle, EngineStartError> {
+    if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
+        return Err(EngineStartError::Config("max_num_seqs and max_num_batched_tokens must be positive".into()));
+    }
+    eos.sort_unstable();
+    eos.dedup();
+    // A sequence must fit the KV pool on its own, or it could never run.
+    let max_context = max_positions.min(alloc.num_blocks() * alloc.block_size());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared {
+        commands: tx,
+        stats: EngineStats::default(),
+        limits: Limits {
+            max_queue: config.max_queue,
+            max_context,
+            vocab_size: runner.vocab_size(),
+            max_n: config.max_n,
+            max_logprobs: config.max_logprobs,
+        },
+        accepting: AtomicBool::new(true),
+        stopped: AtomicBool::new(false),
+    });
+    shared.stats.kv_blocks_total.store(alloc.num_blocks(), Ordering::Relaxed);
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        },
+        alloc,
+    );
+    let mut engine = Engine {
+        runner,
+        scheduler,
+        hf: Arc::new(tokenizer.hf().clone()),
+        tokenizer,
+        eos,
+        max_context,
+        shared: shared.clone(),
+        commands: rx,
+        requests: HashMap::new(),
+        seqs: HashMap::new(),
+        next_id: 0,
+        row: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("llama-engine".into())
+        .spawn(move || engine.run())?;
+    Ok(EngineHandle { shared })
+}
+
+struct RequestState {
+    request: GenerateRequest,
+    events: EventSender,
+    submitted_at: Instant,
+    /// The sequence that runs the shared prompt; the other choices fork from it.
+    parent: SeqId,
+    admitted: bool,
+    /// Choices not yet forked from the parent (n > 1).
+    pending_forks: usize,
+    live_seqs: Vec<SeqId>,
+}
+
+struct SeqState {
+    request: u64,
+    choice: usize,
+    sampler: Sampler,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    prompt_len: usize,
+    generated: usize,
+}
+
+struct Engine {
+    runner: Box<dyn ModelRunner>,
+    scheduler: Scheduler,
+    tokenizer: Tokenizer,
+    /// One shared copy for every sequence's detokenizer.
+    hf: Arc<tokenizers::Tokenizer>,
+    eos: Vec<u32>,
+    max_context: usize,
+    shared: Arc<Shared>,
+    commands: Receiver<Command>,
+    requests: HashMap<u64, RequestState>,
+    seqs: HashMap<SeqId, SeqState>,
+    next_id: u64,
+    /// Scratch copy of one logits row: samplers modify logits in place.
+    row: Vec<f32>,
+}
+
+impl Engine {
+    fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    fn run(&mut self) {
+        loop {
+            if !self.drain_commands() {
+                break;
+            }
+            self.drop_cancelled_and_expired();
+            if !self.scheduler.has_work() {
+                continue;
+            }
+            let t0 = Instant::now();
+            let plan = self.scheduler.schedule();
+            self.after_schedule(&plan);
+            if plan.is_empty() {
+                // Nothing fits right now (e.g. blocks held by forks); yield instead of spinning hot.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            let t1 = Instant::now();
+            let result = catch_unwind(AssertUnwindSafe(|| self.runner.step(&plan)))
+                .unwrap_or_else(|panic| Err(panic_message(panic)));
+            let t2 = Instant::now();
+            match result {
+                Ok(output) => self.process_output(&plan, &output),
+                Err(message) => self.fail_step(&plan, &message),
+            }
+            let t3 = Instant::now();
+            let s = self.stats();
+            s.steps_total.fetch_add(1, Ordering::Relaxed);
+            s.schedule_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            s.forward_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+            s.postprocess_ns.fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
+            self.publish_gauges();
+        }
+        self.shared.stopped.store(true, Ordering::Release);
+        self.fail_all(EngineError::Shutdown);
+    }
+
+    /// Takes every queued command; blocks only when there is nothing to do. False = shut down.
+    fn drain_commands(&mut self) -> bool {
+        if !self.scheduler.has_work() {
+            match self.commands.recv() {
+                Ok(cmd) => {
+                    if !self.handle_command(cmd) {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.commands.try_recv() {
+                Ok(cmd) => {
+                    if !self.handle_command(cmd) {
+                        return false;
+                    }
+                }
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return self.scheduler.has_work(),
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Shutdown => false,
+            Command::Submit(sub) => {
+                self.add_request(*sub);
+                true
+            }
+        }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn add_request(&mut self, sub: Submission) {
+        let Submission { request, events, submitted_at } = sub;
+        let req_id = self.new_id();
+        let seq_id = self.new_id();
+        let n = request.n.max(1);
+        self.scheduler.add(seq_id, request.prompt.clone(), n - 1);
+        self.seqs.insert(seq_id, self.new_seq_state(req_id, 0, &request));
+        self.requests.insert(
+            req_id,
+            RequestState {
+                events,
+                submitted_at,
+                parent: seq_id,
+                admitted: false,
+                pending_forks: n - 1,
+                live_seqs: vec![seq_id],
+                request,
+            },
+        );
+    }
+
+    fn new_seq_state(&self, request_id: u64, choice: usize, request: &GenerateRequest) -> SeqState {
+        SeqState {
+            request: request_id,
+            choice,
+            sampler: Sampler::new(&request.sampling, choice),
+            detok: IncrementalDetokenizer::new(self.hf.clone(), &request.prompt),
+            stop: StopMatcher::new(request.stop.stop_strings.clone()),
+            prompt_len: request.prompt.len(),
+            generated: 0,
+        }
+    }
+
+    fn drop_cancelled_and_expired(&mut self) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        for (&id, r) in &self.requests {
+            if r.events.is_closed() {
+                gone.push((id, None));
+            } else if r.request.deadline.is_some_and(|d| now >= d) {
+                gone.push((id, Some(EngineError::Timeout)));
+            }
+        }
+        for (id, error) in gone {
+            match error {
+                None => {
+                    self.stats().requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+                    self.remove_request(id, None);
+                }
+                Some(e) => {
+                    self.stats().requests_failed_total.fetch_add(1, Ordering::Relaxed);
+                    self.remove_request(id, Some(e));
+                }
+            }
+        }
+    }
+
+    /// Drops a request and all its sequences, freeing their blocks; sends `error` first if given.
+    fn remove_request(&mut self, id: u64, error: Option<EngineError>) {
+        let Some(r) = self.requests.remove(&id) else { return };
+        if !r.admitted {
+            self.stats().waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        for seq in &r.live_seqs {
+            self.scheduler.remove(*seq);
+            self.seqs.remove(seq);
+        }
+        if let Some(e) = error {
+            let _ = r.events.send(Err(e));
+        }
+    }
+
+    fn after_schedule(&mut self, plan: &StepPlan) {
+        if !plan.preempted.is_empty() {
+            self.stats().preemptions_total.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        }
+        for chunk in &plan.chunks {
+            let Some(seq) = self.seqs.get(&chunk.seq) else { continue };
+            let Some(r) = self.requests.get_mut(&seq.request) else { continue };
+            if !r.admitted {
+                r.admitted = true;
+                self.shared.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.shared.stats.prompt_tokens_total.fetch_add(r.request.prompt.len() as u64, Ordering::Relaxed);
+                tracing::debug!(request = %r.request.request_id, queued_ms = r.submitted_at.elapsed().as_millis() as u64, "admitted");
+            }
+        }
+    }
+
+    fn process_output(&mut self, plan: &StepPlan, output: &StepOutput) {
+        let mut row_index = 0;
+        for chunk in &plan.chunks {
+            self.scheduler.mark_computed(chunk.seq, chunk.tokens.len());
+            if !chunk.sample {
+                continue;
+            }
+            let row = row_index;
+            row_index += 1;
+            if !self.seqs.contains_key(&chunk.seq) {
+                continue;
+            }
+            let mut targets = vec![chunk.seq];
+            targets.extend(self.fork_choices(chunk.seq));
+            for seq in targets {
+                self.row.clear();
+                self.row.extend_from_slice(output.row(row));
+                self.sample_and_emit(seq);
+            }
+        }
+    }
+
+    /// On the parent's first sampled step, creates the other n-1 choices sharing its prompt KV.
+    fn fork_choices(&mut self, parent: SeqId) -> Vec<SeqId> {
+        let req_id = self.seqs[&parent].request;
+        let Some(r) = self.requests.get(&req_id) else { return Vec::new() };
+        if r.parent != parent || r.pending_forks == 0 {
+            return Vec::new();
+        }
+        let n = r.request.n;
+        let request = r.request.clone();
+        let mut children = Vec::new();
+        for choice in 1..n {
+            let child = self.new_id();
+            self.scheduler.fork(parent, child);
+            self.seqs.insert(child, self.new_seq_state(req_id, choice, &request));
+            children.push(child);
+        }
+        let r = self.requests.get_mut(&req_id).expect("checked above");
+        r.pending_forks = 0;
+        r.live_seqs.extend(&children);
+        children
+    }
+
+    fn sample_and_emit(&mut self, seq_id: SeqId) {
+        let Some(tokens) = self.scheduler.tokens(seq_id) else { return };
+        let Some(st) = self.seqs.get_mut(&seq_id) else { return };
+        let Some(r) = self.requests.get(&st.request) else { return };
+        let (prompt, generated) = tokens.split_at(st.prompt_len);
+        let sampled = st.sampler.sample(&mut self.row, prompt, generated, r.request.logprobs);
+        let token = sampled.id;
+        let total_len = tokens.len() + 1;
+        st.generated += 1;
+
+        let conditions = &r.request.stop;
+        let ends_by_token = (!conditions.ignore_eos && self.eos.binary_search(&token).is_ok())
+            || conditions.stop_token_ids.contains(&token);
+        let mut finish = None;
+        let mut stopped_by_string = false;
+        let mut text = String::new();
+        if ends_by_token {
+            finish = Some(FinishReason::Stop);
+        } else {
+            let piece = st.detok.push(token);
+            let out = st.stop.push(&piece);
+            text = out.emit;
+            if out.stopped {
+                finish = Some(FinishReason::Stop);
+                stopped_by_string = true;
+            }
+        }
+        if finish.is_none() && (st.generated >= conditions.max_tokens || total_len >= self.max_context) {
+            finish = Some(FinishReason::Length);
+        }
+        if finish.is_some() && !stopped_by_string {
+            // Release what the detokenizer and the stop matcher still hold.
+            let tail = st.detok.finish();
+            let out = st.stop.push(&tail);
+            text.push_str(&out.emit);
+            if out.stopped {
+                finish = Some(FinishReason::Stop);
+            } else {
+                text.push_str(&st.stop.flush());
+            }
+        }
+        let want_logprobs = r.request.logprobs.is_some();
+        let (choice, request_id) = (st.choice, st.request);
+        let usage = Usage {
+            prompt_tokens: st.prompt_len,
+            completion_tokens: st.generated,
+        };
+        self.shared.stats.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
+        let logprobs = want_logprobs.then(|| self.logprobs(&sampled));
+        self.scheduler.append_token(seq_id, token);
+        let events = &self.requests[&request_id].events;
+        if !(ends_by_token && text.is_empty()) {
+            let _ = events.send(Ok(StreamEvent::Token { index: choice, id: token, text, logprobs }));
+        }
+        if let Some(finish_reason) = finish {
+            let _ = events.send(Ok(StreamEvent::Done { index: choice, finish_reason, usage }));
+            self.finish_seq(seq_id);
+        }
+    }
+
+    fn logprobs(&self, sampled: &Sampled) -> SampledLogprobs {
+        let entry = |id: u32, logprob: f32| TokenLogprob {
+            id,
+            token: self.tokenizer.token_text(id),
+            bytes: self.tokenizer.token_bytes(id),
+            logprob,
+        };
+        SampledLogprobs {
+            chosen: entry(sampled.id, sampled.logprob),
+            top: sampled.top.iter().map(|&(id, lp)| entry(id, lp)).collect(),
+        }
+    }
+
+    fn finish_seq(&mut self, seq_id: SeqId) {
+        self.scheduler.remove(seq_id);
+        let Some(st) = self.seqs.remove(&seq_id) else { return };
+        let Some(r) = self.requests.get_mut(&st.request) else { return };
+        r.live_seqs.retain(|&s| s != seq_id);
+        if r.live_seqs.is_empty() && r.pending_forks == 0 {
+            self.requests.remove(&st.request);
+            self.stats().requests_finished_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A failed step fails only the requests that were in it.
+    fn fail_step(&mut self, plan: &StepPlan, message: &str) {
+        tracing::error!(error = message, sequences = plan.chunks.len(), "step failed");
+        self.stats().step_failures_total.fetch_add(1, Ordering::Relaxed);
+        let mut requests: Vec<u64> = plan.chunks.iter().filter_map(|c| self.seqs.get(&c.seq).map(|s| s.request)).collect();
+        requests.sort_unstable();
+        requests.dedup();
+        for id in requests {
+            self.stats().requests_failed_total.fetch_add(1, Ordering::Relaxed);
+            self.remove_request(id, Some(EngineError::Model(message.to_string())));
+        }
+    }
+
+    fn fail_all(&mut self, error: EngineError) {
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.remove_request(id, Some(error.clone()));
+        }
+        // Requests still in the channel never reached the engine.
+        while let Ok(cmd) = self.commands.try_recv() {
+            if let Command::Submit(sub) = cmd {
+                self.stats().waiting.fetch_sub(1, Ordering::AcqRel);
+                let _ = sub.events.send(Err(error.clone()));
+            }
+        }
+        self.publish_gauges();
+    }
+
+    fn publish_gauges(&self) {
+        let s = self.stats();
+        s.running.store(self.scheduler.num_running(), Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.scheduler.num_blocks() - self.scheduler.num_free_blocks(), Ordering::Relaxed);
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("panic: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("panic: {s}")
+    } else {
+        "panic in the model step".into()
+    }
+}

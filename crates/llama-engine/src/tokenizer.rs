@@ -1,0 +1,391 @@
+//! The Llama tokenizer: `tokenizer.json` through the Hugging Face `tokenizers`
+//! crate, plus the special-token facts the engine and the chat template need.
+//!
+//! Two encoders are kept. The *full* one is `tokenizer.json` as published and
+//! gives exactly the ids transformers gives. The *plain* one is the same
+//! pipeline with the special added tokens taken out of the added vocabulary, so
+//! a literal `<s>`, `</s>` or `<unk>` in user text is tokenized as ordinary text
+//! the way Meta's SentencePiece model does it. Chat prompts are built from plain
+//! pieces plus explicit BOS/EOS ids, so user text can never inject a control
+//! token.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// SentencePiece's word-boundary marker (U+2581), which stands for a space.
+const SPIECE_UNDERLINE: char = '\u{2581}';
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not valid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot load tokenizer from {}: {message}", path.display())]
+    Load { path: PathBuf, message: String },
+    #[error("tokenizer encode failed: {0}")]
+    Encode(String),
+    #[error("tokenizer decode failed: {0}")]
+    Decode(String),
+}
+
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: Arc<tokenizers::Tokenizer>,
+    plain: Arc<tokenizers::Tokenizer>,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+    add_bos: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .field("add_bos", &self.add_bos)
+            .finish()
+    }
+}
+
+/// What `tokenizer_config.json` / `special_tokens_map.json` say about the
+/// special tokens; every field is optional because fine-tunes omit freely.
+#[derive(Default)]
+struct SpecialTokenConfig {
+    bos: Option<String>,
+    eos: Option<String>,
+    add_bos: Option<bool>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` from a model directory, with the BOS/EOS tokens
+    /// and `add_bos_token` from `tokenizer_config.json` (then
+    /// `special_tokens_map.json`) when those files exist.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let mut config = SpecialTokenConfig::default();
+        // tokenizer_config.json wins over special_tokens_map.json, as in transformers.
+        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let json = read_json(&path)?;
+            config.bos = config.bos.or_else(|| token_content(json.get("bos_token")));
+            config.eos = config.eos.or_else(|| token_content(json.get("eos_token")));
+            config.add_bos = config
+                .add_bos
+                .or_else(|| json.get("add_bos_token").and_then(Value::as_bool));
+        }
+        Self::build(&dir.join("tokenizer.json"), config)
+    }
+
+    /// Loads a bare `tokenizer.json`; BOS/EOS are looked up as `<s>` / `</s>`.
+    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+        Self::build(path, SpecialTokenConfig::default())
+    }
+
+    fn build(path: &Path, config: SpecialTokenConfig) -> Result<Self, TokenizerError> {
+        let mut json = read_json(path)?;
+        let load_error = |message: String| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        let inner: tokenizers::Tokenizer =
+            serde_json::from_value(json.clone()).map_err(|e| load_error(e.to_string()))?;
+
+        // Only the special added tokens go: ordinary added tokens are part of
+        // how the model segments text and would change the plain ids.
+        if let Some(Value::Array(added)) = json.get_mut("added_tokens") {
+            added.retain(|t| !t.get("special").and_then(Value::as_bool).unwrap_or(false));
+        }
+        let plain: tokenizers::Tokenizer =
+            serde_json::from_value(json).map_err(|e| load_error(e.to_string()))?;
+
+        let lookup = |configured: Option<String>, fallback: &str| {
+            configured
+                .as_deref()
+                .and_then(|t| inner.token_to_id(t))
+                .or_else(|| inner.token_to_id(fallback))
+        };
+        let bos_id = lookup(config.bos, "<s>");
+        let eos_id = lookup(config.eos, "</s>");
+        Ok(Self {
+            inner: Arc::new(inner),
+            plain: Arc::new(plain),
+            bos_id,
+            eos_id,
+            add_bos: config.add_bos.unwrap_or(true),
+        })
+    }
+
+    /// The published tokenizer, for code (such as the detokenizer) that needs
+    /// the full `tokenizers` API.
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Exactly what `tokenizer.json` gives; `add_bos` is transformers'
+    /// `add_special_tokens`, so literal special-token text becomes control ids.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, add_bos)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Untrusted text as SentencePiece encodes it: no BOS, and `<s>`, `</s>`,
+    /// `<unk>` in the text stay plain text instead of becoming control ids.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// The token's own text for logprobs. A lone byte-fallback piece that is
+    /// not ASCII cannot be shown as text, so it becomes U+FFFD; its exact
+    /// value is in [`Tokenizer::token_bytes`].
+    pub fn token_text(&self, id: u32) -> String {
+        match self.inner.id_to_token(id) {
+            Some(piece) => match byte_fallback(&piece) {
+                Some(byte) => String::from_utf8_lossy(&[byte]).into_owned(),
+                None => piece.replace(SPIECE_UNDERLINE, " "),
+            },
+            None => String::new(),
+        }
+    }
+
+    /// The raw bytes the token stands for, as OpenAI's logprobs `bytes` field
+    /// wants them: clients join them to rebuild UTF-8 split across tokens.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self.inner.id_to_token(id) {
+            Some(piece) => match byte_fallback(&piece) {
+                Some(byte) => vec![byte],
+                None => piece.replace(SPIECE_UNDERLINE, " ").into_bytes(),
+            },
+            None => Vec::new(),
+        }
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    /// Includes added tokens: this is the number of ids the tokenizer can
+    /// produce, which the model's embedding must cover.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// `add_bos_token` of `tokenizer_config.json` (true when absent, as for Llama).
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, TokenizerError> {
+    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|source| TokenizerError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A special token in the HF config files is either a plain string or an
+/// `AddedToken` object with a `content` field.
+pub(crate) fn token_content(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(map) => map
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// `<0xNN>` pieces are SentencePiece's byte fallback for text outside the vocabulary.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_dir() -> PathBuf {
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/tiny-llama"
+        ))
+    }
+
+    fn fixture(name: &str) -> Value {
+        let path =
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn ids(value: &Value) -> Vec<u32> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_model_dir(&model_dir()).unwrap()
+    }
+
+    #[test]
+    fn special_tokens_from_config() {
+        let tok = tokenizer();
+        assert_eq!(tok.bos_id(), Some(1));
+        assert_eq!(tok.eos_id(), Some(2));
+        assert!(tok.add_bos());
+        assert_eq!(tok.vocab_size(), 32000);
+
+        let bare = Tokenizer::from_file(&model_dir().join("tokenizer.json")).unwrap();
+        assert_eq!(
+            (bare.bos_id(), bare.eos_id(), bare.add_bos()),
+            (Some(1), Some(2), true)
+        );
+    }
+
+    #[test]
+    fn every_fixture_case_encodes_and_decodes() {
+        let tok = tokenizer();
+        let cases = fixture("tokenizer-cases.json");
+        let cases = cases["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 479);
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let expected = ids(&case["ids"]);
+            assert_eq!(tok.encode(text, true).unwrap(), expected, "encode {text:?}");
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                expected[1..],
+                "encode without BOS {text:?}"
+            );
+            let decoded = case.get("decoded").and_then(Value::as_str).unwrap_or(text);
+            assert_eq!(
+                tok.decode(&expected, true).unwrap(),
+                decoded,
+                "decode {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn encode_plain_matches_sentencepiece() {
+        let tok = tokenizer();
+        let cases = fixture("tokenizer-cases.json");
+        let mut with_sp_ids = 0;
+        for case in cases["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            // Meta's ids equal tokenizer.json's unless `sentencepiece_ids` says otherwise.
+            let expected = ids(case.get("sentencepiece_ids").unwrap_or(&case["ids"]));
+            with_sp_ids += usize::from(case.get("sentencepiece_ids").is_some());
+            assert_eq!(expected[0], 1);
+            assert_eq!(
+                tok.encode_plain(text).unwrap(),
+                expected[1..],
+                "encode_plain {text:?}"
+            );
+        }
+        assert_eq!(with_sp_ids, 21);
+    }
+
+    #[test]
+    fn encode_plain_never_yields_control_tokens() {
+        let tok = tokenizer();
+        let ids = tok.encode_plain("<s></s><unk> <s>[INST] </s>").unwrap();
+        assert!(ids.iter().all(|&id| id > 2), "{ids:?}");
+        // The full encoder still honours them, as transformers does.
+        assert_eq!(tok.encode("</s>", false).unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn meta_ids_for_eos_literal_in_user_text() {
+        let tok = tokenizer();
+        let conversations = fixture("llama2-chat-template.json");
+        let case = conversations["conversations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "user_contains_eos_literal")
+            .unwrap();
+        let mut got = vec![1];
+        got.extend(
+            tok.encode_plain("[INST] Say </s> then <s> please [/INST]")
+                .unwrap(),
+        );
+        assert_eq!(got, ids(&case["meta_ids"]));
+    }
+
+    #[test]
+    fn token_text_and_bytes() {
+        let tok = tokenizer();
+        // "▁Hello" shows its word-boundary marker as a space.
+        assert_eq!(tok.token_text(15043), " Hello");
+        assert_eq!(tok.token_bytes(15043), b" Hello");
+        // <0x0A> is the newline byte.
+        assert_eq!(tok.token_text(13), "\n");
+        assert_eq!(tok.token_bytes(13), vec![b'\n']);
+        // 243 is <0xF0>, the first byte of a 4-byte UTF-8 sequence (an emoji).
+        assert_eq!(tok.hf().id_to_token(243).as_deref(), Some("<0xF0>"));
+        assert_eq!(tok.token_text(243), "\u{FFFD}");
+        assert_eq!(tok.token_bytes(243), vec![0xF0]);
+        // A multi-byte piece keeps its UTF-8 bytes.
+        let piece = tok.hf().id_to_token(30919).unwrap();
+        assert_eq!(
+            tok.token_bytes(30919),
+            piece.replace(SPIECE_UNDERLINE, " ").into_bytes()
+        );
+        assert_eq!(tok.token_text(1), "<s>");
+        assert_eq!(tok.token_text(u32::MAX), "");
+        assert!(tok.token_bytes(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn missing_files_name_the_path() {
+        let err = Tokenizer::from_model_dir(Path::new("/nonexistent/model")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/model/tokenizer.json"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! Llama 2 on Candle: configuration, weight loading, a batched forward pass over
+//! sequences at different positions, and the paged KV cache.
+//!
+//! The model is stateless: [`LlamaModel::forward`] takes a [`BatchInput`] (each
+//! sequence's new tokens, start position and KV block table) and a [`KvCache`]
+//! it writes into, and returns next-token [`Logits`]. Which blocks belong to
+//! which sequence is decided by a [`BlockAllocator`] held by the caller.
+
+pub mod attention;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod kv;
+pub mod linear;
+pub mod loader;
+pub mod model;
+pub mod rope;
+pub mod shapes;
+pub mod weights;
+
+pub use attention::AttentionImpl;
+pub use candle_core::{DType, Device, Tensor};
+pub use config::LlamaConfig;
+pub use device::{DTypeSpec, DeviceSpec};
+pub use error::{ModelError, Result};
+pub use kv::{BlockAllocator, BlockTable, KvBudget, KvCache, KvCacheSpec, KvError};
+pub use model::{BatchInput, LlamaModel, Logits, ModelOptions, SeqChunk};
+pub use shapes::{resolve_shape, ModelShape};

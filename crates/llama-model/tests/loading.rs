@@ -1,0 +1,226 @@
+//! Loading: sharded checkpoints, and errors that name their culprit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use llama_model::{
+    BatchInput, BlockTable, Device, KvBudget, KvCacheSpec, LlamaModel, ModelOptions, SeqChunk,
+    Tensor,
+};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
+}
+
+/// A copy of the fixture directory whose weights are `tensors`, split into `shards` files.
+fn model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixture().join(f), dir.path().join(f)).unwrap();
+    }
+    if shards == 1 {
+        candle_core::safetensors::save(tensors, dir.path().join("model.safetensors")).unwrap();
+        return dir;
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+        let part: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&part, dir.path().join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+fn fixture_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn last_logits(dir: &Path) -> Vec<f32> {
+    let model = LlamaModel::load(dir, &Device::Cpu, ModelOptions::default()).unwrap();
+    let kv = model
+        .new_kv_cache(&KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::Tokens(64),
+        })
+        .unwrap();
+    let mut alloc = kv.allocator();
+    let mut table = BlockTable::new();
+    let prompt = [1u32, 15043, 29892, 3186];
+    alloc.ensure_capacity(&mut table, prompt.len()).unwrap();
+    let batch = BatchInput::new(vec![SeqChunk {
+        tokens: &prompt,
+        start_pos: 0,
+        block_table: &table,
+        all_logits: false,
+    }]);
+    model
+        .forward(&batch, &kv)
+        .unwrap()
+        .last()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn load_err(dir: &Path) -> String {
+    match LlamaModel::load(dir, &Device::Cpu, ModelOptions::default()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn sharded_checkpoint_loads_the_same_model() {
+    let single = last_logits(&fixture());
+    let dir = model_with(&fixture_tensors(), 3);
+    assert!(dir
+        .path()
+        .join("model-00003-of-00003.safetensors")
+        .is_file());
+    assert_eq!(last_logits(dir.path()), single);
+}
+
+#[test]
+fn half_precision_loads_and_stays_close() {
+    let f32_logits = last_logits(&fixture());
+    for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+        let model = LlamaModel::load(
+            &fixture(),
+            &Device::Cpu,
+            ModelOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let kv = model
+            .new_kv_cache(&KvCacheSpec {
+                block_size: 16,
+                budget: KvBudget::Tokens(64),
+            })
+            .unwrap();
+        let mut table = BlockTable::new();
+        kv.allocator().ensure_capacity(&mut table, 4).unwrap();
+        let prompt = [1u32, 15043, 29892, 3186];
+        let batch = BatchInput::new(vec![SeqChunk {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &table,
+            all_logits: false,
+        }]);
+        let got: Vec<f32> = model
+            .forward(&batch, &kv)
+            .unwrap()
+            .last()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let max = got
+            .iter()
+            .zip(&f32_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 0.5, "{dtype:?}: max logit diff {max}");
+    }
+}
+
+#[test]
+fn missing_config_field_is_named() {
+    let dir = model_with(&fixture_tensors(), 1);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    cfg.as_object_mut().unwrap().remove("intermediate_size");
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("intermediate_size") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let mut tensors = fixture_tensors();
+    tensors.remove("model.layers.1.mlp.up_proj.weight");
+    let dir = model_with(&tensors, 2);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_both_shapes() {
+    let mut tensors = fixture_tensors();
+    let bad = tensors["model.layers.0.self_attn.k_proj.weight"]
+        .narrow(0, 0, 16)
+        .unwrap();
+    tensors.insert("model.layers.0.self_attn.k_proj.weight".into(), bad);
+    let dir = model_with(&tensors, 1);
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[16, 64]") && err.contains("[32, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_shard_is_named() {
+    let dir = model_with(&fixture_tensors(), 2);
+    std::fs::write(
+        dir.path().join("model-00002-of-00002.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+
+    let dir = model_with(&fixture_tensors(), 2);
+    std::fs::remove_file(dir.path().join("model-00001-of-00002.safetensors")).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model-00001-of-00002.safetensors") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn directory_without_weights_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("no weights"), "{err}");
+}

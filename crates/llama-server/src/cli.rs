@@ -1,0 +1,186 @@
+//! The command line (and its `LLAMA_SERVE_*` environment twins) and the TOML
+//! config file. Every field is optional here: [`crate::config::ServerConfig::merge`]
+//! applies the precedence CLI > env > file > built-in default.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "llama-serve",
+    version,
+    about = "An OpenAI-compatible HTTP server for Llama 2",
+    long_about = "An OpenAI-compatible HTTP server for Llama 2. Every flag can also be set as an \
+                  LLAMA_SERVE_* environment variable or in a TOML file given with --config; \
+                  the command line wins over the environment, which wins over the file."
+)]
+pub struct Cli {
+    /// TOML config file (see config/default.toml for every key).
+    #[arg(long, env = "LLAMA_SERVE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// A local model directory, a Hugging Face repo id (e.g. meta-llama/Llama-2-7b-chat-hf),
+    /// or random:SHAPE (tiny, 134m, 7b, 13b, 70b) for random weights. Default: the bundled tiny model.
+    #[arg(long, env = "LLAMA_SERVE_MODEL")]
+    pub model: Option<String>,
+
+    /// Hugging Face revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long, env = "LLAMA_SERVE_REVISION")]
+    pub revision: Option<String>,
+
+    /// The model name clients use and responses carry. Default: the repo id or directory name.
+    #[arg(long, env = "LLAMA_SERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, env = "LLAMA_SERVE_HOST")]
+    pub host: Option<String>,
+
+    /// Port to listen on; 0 picks a free one [default: 8000].
+    #[arg(long, env = "LLAMA_SERVE_PORT")]
+    pub port: Option<u16>,
+
+    /// cpu, cuda[:N] or metal[:N] [default: cpu].
+    #[arg(long, env = "LLAMA_SERVE_DEVICE")]
+    pub device: Option<String>,
+
+    /// f32, f16 or bf16 [default: f32 on cpu, bf16 on a GPU].
+    #[arg(long, env = "LLAMA_SERVE_DTYPE")]
+    pub dtype: Option<String>,
+
+    /// KV cache budget, e.g. 4GiB, 512MiB or 8192tokens [default: the engine's].
+    #[arg(long, env = "LLAMA_SERVE_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<String>,
+
+    /// Most sequences running in one step.
+    #[arg(long, env = "LLAMA_SERVE_MAX_NUM_SEQS")]
+    pub max_num_seqs: Option<usize>,
+
+    /// Most tokens in one step (prompt chunks + decodes).
+    #[arg(long, env = "LLAMA_SERVE_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: Option<usize>,
+
+    /// Most requests waiting for a slot; more get 429.
+    #[arg(long, env = "LLAMA_SERVE_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+
+    /// An accepted API key (repeatable; comma-separated in the environment).
+    #[arg(long = "api-key", env = "LLAMA_SERVE_API_KEY", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+
+    /// A file of API keys, one per line (# comments allowed).
+    #[arg(long, env = "LLAMA_SERVE_API_KEY_FILE", value_name = "PATH")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// An origin allowed by CORS, or * (repeatable; comma-separated in the environment).
+    #[arg(long = "cors-allow-origin", env = "LLAMA_SERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origins: Vec<String>,
+
+    /// Largest request body, in bytes or with a unit (2MiB) [default: 2MiB].
+    #[arg(long, env = "LLAMA_SERVE_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<String>,
+
+    /// Seconds a request may wait and run before it fails; 0 = no limit [default: 0].
+    #[arg(long, env = "LLAMA_SERVE_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    pub request_timeout: Option<f64>,
+
+    /// System prompt used when a chat request has none.
+    #[arg(long, env = "LLAMA_SERVE_DEFAULT_SYSTEM_PROMPT")]
+    pub default_system_prompt: Option<String>,
+
+    /// text or json [default: text].
+    #[arg(long, env = "LLAMA_SERVE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
+    #[arg(long, env = "LLAMA_SERVE_SHUTDOWN_TIMEOUT", value_name = "SECONDS")]
+    pub shutdown_timeout: Option<f64>,
+}
+
+/// The TOML file: the same keys as the flags, with underscores.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub model: Option<String>,
+    pub revision: Option<String>,
+    pub served_model_name: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    pub kv_cache_memory: Option<String>,
+    pub max_num_seqs: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub max_queue: Option<usize>,
+    #[serde(default, alias = "api_key")]
+    pub api_keys: Vec<String>,
+    pub api_key_file: Option<PathBuf>,
+    #[serde(default, alias = "cors_allow_origin")]
+    pub cors_allow_origins: Vec<String>,
+    pub max_request_bytes: Option<SizeValue>,
+    pub request_timeout: Option<f64>,
+    pub default_system_prompt: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub shutdown_timeout: Option<f64>,
+}
+
+/// A size written as a number of bytes or a string with a unit.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl FileConfig {
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "llama-serve",
+            "--port",
+            "0",
+            "--api-key",
+            "a",
+            "--api-key",
+            "b",
+            "--cors-allow-origin",
+            "*",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.port, Some(0));
+        assert_eq!(cli.api_keys, vec!["a", "b"]);
+        assert_eq!(cli.cors_allow_origins, vec!["*"]);
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        assert!(Cli::try_parse_from(["llama-serve", "--port", "seventy"]).is_err());
+    }
+
+    #[test]
+    fn the_file_rejects_typos() {
+        assert!(FileConfig::from_toml("prot = 80").is_err());
+        let f = FileConfig::from_toml("port = 80\napi_key = [\"k\"]\nmax_request_bytes = \"1MiB\"").unwrap();
+        assert_eq!(f.port, Some(80));
+        assert_eq!(f.api_keys, vec!["k"]);
+        assert_eq!(f.max_request_bytes, Some(SizeValue::Text("1MiB".into())));
+    }
+}

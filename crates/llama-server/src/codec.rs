@@ -1,0 +1,40 @@
+//! Text ↔ tokens as the HTTP layer needs it: prompt encoding, the chat
+//! template and `/tokenize`. A trait, like [`crate::backend::Backend`], so the
+//! handlers do not depend on how a model directory spells its tokenizer.
+//! Every method may be slow (long prompts): call them from `spawn_blocking`.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatRole {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    pub role: ChatRole,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CodecError {
+    /// The conversation cannot be rendered (role order, empty, ...): the client's fault.
+    #[error("{0}")]
+    InvalidConversation(String),
+    /// The text cannot be encoded: the client's fault.
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub trait Codec: Send + Sync + 'static {
+    /// `add_special_tokens` adds BOS as the tokenizer's config asks.
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError>;
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, CodecError>;
+    /// The prompt ids of a conversation, ready for the model (BOS included).
+    fn render_chat(&self, turns: &[ChatTurn], default_system_prompt: Option<&str>) -> Result<Vec<u32>, CodecError>;
+    fn vocab_size(&self) -> usize;
+    /// The vocabulary piece of `id`, e.g. `▁Hello` or `<0x0A>`.
+    fn token_str(&self, id: u32) -> Option<String>;
+}

@@ -1,0 +1,151 @@
+//! llama-serve's HTTP layer: an OpenAI-compatible API over the engine.
+//!
+//! [`app`] builds the router for an [`AppState`] (tests drive it with
+//! `tower::ServiceExt::oneshot` or on a real listener); [`serve`] runs it on a
+//! listener with graceful drain; [`run`] does everything `main` needs from a
+//! [`ServerConfig`].
+
+pub mod auth;
+pub mod backend;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod generation_defaults;
+pub mod json;
+pub mod llama_codec;
+pub mod model_source;
+pub mod openai;
+pub mod request_id;
+pub mod routes;
+pub mod shutdown;
+pub mod sse;
+pub mod startup;
+pub mod state;
+pub mod validation;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, Method, Request};
+use axum::{Extension, Router};
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+pub use config::ServerConfig;
+pub use error::ApiError;
+pub use state::{AppOptions, AppState, ServedModel};
+
+use crate::json::BodyLimit;
+use crate::request_id::REQUEST_ID_HEADER;
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(Any)
+            .expose_headers([REQUEST_ID_HEADER.clone(), header::RETRY_AFTER])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+/// The whole HTTP service: routes, auth, request ids, tracing, CORS, body limit.
+pub fn app(state: AppState) -> Router {
+    let limit = state.options.max_request_bytes;
+    let cors = cors_layer(&state.options.cors_allow_origins);
+    routes::router(state).layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER.clone(), MakeRequestUuid))
+            .layer(
+                // Method, path and request id only: prompts and outputs never reach the logs.
+                TraceLayer::new_for_http()
+                    .make_span_with(|request: &Request<_>| {
+                        let request_id = request
+                            .headers()
+                            .get(&REQUEST_ID_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        tracing::info_span!(
+                            "request",
+                            method = %request.method(),
+                            path = %request.uri().path(),
+                            request_id,
+                        )
+                    })
+                    .on_response(DefaultOnResponse::new().level(Level::INFO)),
+            )
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER.clone()))
+            .option_layer(cors)
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(Extension(BodyLimit(limit))),
+    )
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains: the
+/// engine stops accepting (so `/ready` turns 503 and new generations get
+/// 503), the listener closes, and in-flight requests get `shutdown_timeout`
+/// to finish before the engine ends them with an error.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown_timeout: Duration,
+) -> std::io::Result<()> {
+    let backend = state.backend.clone();
+    let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
+    let drain_backend = backend.clone();
+    let signal = async move {
+        shutdown.await;
+        drain_backend.stop_accepting();
+        let _ = drain_tx.send(true);
+    };
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(signal);
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    let deadline = async move {
+        let _ = drain_rx.wait_for(|draining| *draining).await;
+        tokio::time::sleep(shutdown_timeout).await;
+    };
+    let result = tokio::select! {
+        result = &mut server => result,
+        _ = deadline => {
+            tracing::warn!(?shutdown_timeout, "shutdown timeout: ending the requests still in flight");
+            backend.shutdown();
+            // The engine now sends each remaining stream its error event; give them a moment to flush.
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+            Ok(())
+        }
+    };
+    backend.shutdown();
+    result
+}
+
+/// Loads the model, listens, prints `llama-serve listening on http://ADDR`,
+/// and serves until SIGTERM or SIGINT.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let state = startup::load(&config).await?;
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model = %state.model.id, "serving");
+    // Tests and scripts parse this line to learn the port (with --port 0).
+    println!("llama-serve listening on http://{addr}");
+    serve(listener, state, shutdown::signal(), config.shutdown_timeout).await?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}

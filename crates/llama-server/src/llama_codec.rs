@@ -1,0 +1,77 @@
+//! [`Codec`] over the engine's Llama tokenizer and chat template.
+
+use llama_engine::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, Role};
+use llama_engine::tokenizer::{Tokenizer, TokenizerError};
+
+use crate::codec::{ChatRole, ChatTurn, Codec, CodecError};
+
+pub struct LlamaCodec {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+impl LlamaCodec {
+    pub fn new(tokenizer: Tokenizer, template: ChatTemplate) -> Self {
+        Self { tokenizer, template }
+    }
+
+    /// Tokenizer and chat template of a model directory.
+    pub fn from_model_dir(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let tokenizer = Tokenizer::from_model_dir(dir)?;
+        let template = ChatTemplate::from_model_dir(dir)?;
+        Ok(Self::new(tokenizer, template))
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+fn tokenizer_error(err: TokenizerError) -> CodecError {
+    match err {
+        TokenizerError::Encode(message) | TokenizerError::Decode(message) => CodecError::InvalidInput(message),
+        other => CodecError::Internal(other.to_string()),
+    }
+}
+
+impl Codec for LlamaCodec {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError> {
+        self.tokenizer.encode(text, add_special_tokens).map_err(tokenizer_error)
+    }
+
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, CodecError> {
+        self.tokenizer.decode(ids, skip_special_tokens).map_err(tokenizer_error)
+    }
+
+    fn render_chat(&self, turns: &[ChatTurn], default_system_prompt: Option<&str>) -> Result<Vec<u32>, CodecError> {
+        let messages: Vec<ChatMessage> = turns
+            .iter()
+            .map(|t| {
+                let role = match t.role {
+                    ChatRole::System => Role::System,
+                    ChatRole::User => Role::User,
+                    ChatRole::Assistant => Role::Assistant,
+                };
+                ChatMessage::new(role, t.content.clone())
+            })
+            .collect();
+        self.template
+            .render_ids(&messages, &self.tokenizer, default_system_prompt)
+            .map_err(|err| match err {
+                ChatTemplateError::Empty
+                | ChatTemplateError::RoleOrder { .. }
+                | ChatTemplateError::LastNotUser { .. }
+                | ChatTemplateError::Raised(_) => CodecError::InvalidConversation(err.to_string()),
+                ChatTemplateError::Tokenizer(e) => tokenizer_error(e),
+                other => CodecError::Internal(other.to_string()),
+            })
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
+    }
+
+    fn token_str(&self, id: u32) -> Option<String> {
+        self.tokenizer.hf().id_to_token(id)
+    }
+}

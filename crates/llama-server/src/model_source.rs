@@ -1,0 +1,230 @@
+//! Where the model comes from: a local directory, a Hugging Face repo id
+//! (downloaded into the standard cache, so Python tools share it), or
+//! `random:SHAPE` for random weights with the bundled tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::config::HubOptions;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A directory with config.json, tokenizer.json and safetensors weights.
+    Dir(PathBuf),
+    /// Random weights of a named shape; text goes through the bundled tokenizer.
+    Random { shape: String, tokenizer_dir: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedModel {
+    pub source: ModelSource,
+    /// What clients call it unless `--served-model-name` says otherwise.
+    pub name: String,
+    /// Other names requests may use.
+    pub aliases: Vec<String>,
+}
+
+/// The tiny model shipped in the repository, found from the current directory
+/// or from this crate's source tree (so `cargo run` works from anywhere in it).
+pub fn bundled_model_dir() -> Option<PathBuf> {
+    let candidates = [
+        PathBuf::from("models/tiny-llama"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama"),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.join("config.json").is_file())
+        .map(|p| p.canonicalize().unwrap_or(p))
+}
+
+fn looks_like_repo_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
+        })
+}
+
+pub async fn resolve(spec: Option<&str>, revision: Option<&str>, hub: &HubOptions) -> anyhow::Result<ResolvedModel> {
+    let Some(spec) = spec.map(str::trim).filter(|s| !s.is_empty()) else {
+        let dir = bundled_model_dir().context(
+            "no --model given and the bundled model (models/tiny-llama) was not found; pass --model DIR or a Hugging Face repo id",
+        )?;
+        return Ok(ResolvedModel {
+            source: ModelSource::Dir(dir),
+            name: "tiny-llama".into(),
+            aliases: Vec::new(),
+        });
+    };
+    if let Some(shape) = spec.strip_prefix("random:") {
+        let tokenizer_dir = bundled_model_dir().context("random weights need the bundled tokenizer (models/tiny-llama)")?;
+        return Ok(ResolvedModel {
+            source: ModelSource::Random {
+                shape: shape.to_string(),
+                tokenizer_dir,
+            },
+            name: format!("random-{shape}"),
+            aliases: vec![spec.to_string()],
+        });
+    }
+    let path = Path::new(spec);
+    if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            bail!("{} is a directory without a config.json", path.display());
+        }
+        let name = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| spec.to_string());
+        let aliases = if name == spec { Vec::new() } else { vec![spec.to_string()] };
+        return Ok(ResolvedModel {
+            source: ModelSource::Dir(path.to_path_buf()),
+            name,
+            aliases,
+        });
+    }
+    if !looks_like_repo_id(spec) {
+        bail!("--model {spec}: not a directory, not a Hugging Face repo id (owner/name), not random:SHAPE");
+    }
+    let dir = fetch_from_hub(spec, revision, hub).await?;
+    Ok(ResolvedModel {
+        source: ModelSource::Dir(dir),
+        name: spec.to_string(),
+        aliases: Vec::new(),
+    })
+}
+
+const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
+const OPTIONAL: &[&str] = &["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"];
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+fn repo(id: &str, revision: Option<&str>) -> Repo {
+    match revision {
+        Some(rev) => Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()),
+        None => Repo::model(id.to_string()),
+    }
+}
+
+fn shard_names(index_path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(index_path)?;
+    let index: serde_json::Value = serde_json::from_str(&text)?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no weight_map", index_path.display()))?;
+    let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Downloads (or, offline, looks up) the files a Llama checkpoint needs and
+/// returns the snapshot directory holding them.
+async fn fetch_from_hub(id: &str, revision: Option<&str>, hub: &HubOptions) -> anyhow::Result<PathBuf> {
+    let cache = match &hub.cache_dir {
+        Some(dir) => Cache::new(dir.clone()),
+        None => Cache::default(),
+    };
+    if hub.offline {
+        let cached = cache.repo(repo(id, revision));
+        let get = |file: &str| cached.get(file);
+        for file in REQUIRED {
+            if get(file).is_none() {
+                bail!("HF_HUB_OFFLINE is set and {id}/{file} is not in the cache at {}", cache.path().display());
+            }
+        }
+        let weights = match get(INDEX) {
+            Some(index) => shard_names(&index)?,
+            None => vec![SINGLE.to_string()],
+        };
+        for file in &weights {
+            if get(file).is_none() {
+                bail!("HF_HUB_OFFLINE is set and {id}/{file} is not in the cache");
+            }
+        }
+        let config = get("config.json").context("config.json vanished from the cache")?;
+        return Ok(config.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+
+    let mut builder = hf_hub::api::tokio::ApiBuilder::from_cache(cache).with_progress(true);
+    if let Some(token) = &hub.token {
+        builder = builder.with_token(Some(token.clone()));
+    }
+    if let Some(endpoint) = &hub.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    let api = builder.build().context("building the Hugging Face client")?;
+    let remote = api.repo(repo(id, revision));
+    tracing::info!(repo = id, "fetching model files from the Hugging Face Hub (cached files are reused)");
+    let mut config = None;
+    for file in REQUIRED {
+        let path = remote.get(file).await.with_context(|| {
+            format!("downloading {id}/{file} (gated models need HF_TOKEN with access granted on huggingface.co)")
+        })?;
+        if *file == "config.json" {
+            config = Some(path);
+        }
+    }
+    for file in OPTIONAL {
+        if let Err(err) = remote.get(file).await {
+            tracing::debug!(file, %err, "optional file not fetched");
+        }
+    }
+    match remote.get(INDEX).await {
+        Ok(index) => {
+            for shard in shard_names(&index)? {
+                remote.get(&shard).await.with_context(|| format!("downloading {id}/{shard}"))?;
+            }
+        }
+        Err(_) => {
+            remote
+                .get(SINGLE)
+                .await
+                .with_context(|| format!("downloading {id}/{SINGLE} (only safetensors weights are supported)"))?;
+        }
+    }
+    let config = config.context("config.json was not downloaded")?;
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resolves_the_bundled_model_and_random_shapes() {
+        let hub = HubOptions::default();
+        let bundled = resolve(None, None, &hub).await.unwrap();
+        assert_eq!(bundled.name, "tiny-llama");
+        assert!(matches!(bundled.source, ModelSource::Dir(ref d) if d.join("tokenizer.json").is_file()));
+
+        let random = resolve(Some("random:7b"), None, &hub).await.unwrap();
+        assert_eq!(random.name, "random-7b");
+        assert!(matches!(random.source, ModelSource::Random { ref shape, .. } if shape == "7b"));
+
+        assert!(resolve(Some("not a model!"), None, &hub).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn offline_without_cache_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("llama-serve-empty-cache-{}", std::process::id()));
+        let hub = HubOptions {
+            cache_dir: Some(dir),
+            offline: true,
+            ..Default::default()
+        };
+        let err = resolve(Some("meta-llama/Llama-2-7b-chat-hf"), None, &hub).await.unwrap_err();
+        assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[test]
+    fn repo_ids() {
+        assert!(looks_like_repo_id("meta-llama/Llama-2-7b-chat-hf"));
+        assert!(!looks_like_repo_id("./x/y/z"));
+        assert!(!looks_like_repo_id("single"));
+    }
+}

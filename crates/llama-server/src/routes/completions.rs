@@ -1,0 +1,336 @@
+//! `POST /v1/completions`.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use llama_engine::SampledLogprobs;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::generate::{self, ChoiceEvent, PromptJob};
+use crate::json::ApiJson;
+use crate::openai::common::new_id;
+use crate::openai::completions::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest};
+use crate::openai::{unix_now, UsageInfo};
+use crate::request_id::RequestId;
+use crate::routes::codec_error;
+use crate::sse::{self, ChunkFormatter};
+use crate::state::AppState;
+use crate::validation::{check_model, resolve_max_tokens, validate_sampling, SamplingFields};
+
+/// One prompt as the client gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// Encoded with the tokenizer's special tokens (BOS).
+    Text(String),
+    /// Used exactly as given, as vLLM does.
+    Ids(Vec<u32>),
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    RequestId(request_id): RequestId,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    check_model(req.model.as_deref(), &state.model_names)?;
+    if req.echo.unwrap_or(false) {
+        return Err(ApiError::unsupported("echo", "echoing the prompt is not implemented"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::unsupported("suffix", "Llama 2 has no fill-in-the-middle mode"));
+    }
+    let inputs = parse_prompt(&req.prompt, state.options.limits.max_prompts)?;
+    let logprobs = match req.logprobs {
+        Some(k) if k < 0 => return Err(ApiError::param("logprobs", "`logprobs` must be at least 0")),
+        Some(k) => Some(k as usize),
+        None => None,
+    };
+    let fields = SamplingFields {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        n: req.n,
+        max_tokens: req.max_tokens.map(|m| (m, "max_tokens")),
+        stop: req.stop.as_ref(),
+        seed: req.seed,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias.as_ref(),
+        top_k: req.top_k,
+        min_p: req.min_p,
+        repetition_penalty: req.repetition_penalty,
+        ignore_eos: req.ignore_eos,
+        stop_token_ids: req.stop_token_ids.as_deref(),
+        logprobs,
+    };
+    let vocab_size = state.codec.vocab_size();
+    let params = validate_sampling(
+        &fields,
+        &state.options.generation_defaults,
+        &state.options.limits,
+        vocab_size,
+    )
+    .map_err(|e| rename_param(e, "top_logprobs", "logprobs"))?;
+    if let Some(best_of) = req.best_of {
+        if best_of < params.n as i64 {
+            return Err(ApiError::param("best_of", "`best_of` must be at least `n`"));
+        }
+        if best_of > params.n as i64 {
+            return Err(ApiError::unsupported("best_of", "server-side best-of sampling is not implemented"));
+        }
+    }
+
+    let prompts = state
+        .blocking(move |codec| {
+            inputs
+                .into_iter()
+                .map(|input| match input {
+                    PromptInput::Text(text) => codec.encode(&text, true).map_err(|e| codec_error(e, "prompt")),
+                    PromptInput::Ids(ids) => Ok(ids),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let max_context = state.backend.max_context();
+    let default_max = Some(state.options.completions_default_max_tokens);
+    let mut jobs = Vec::with_capacity(prompts.len());
+    for ids in prompts {
+        if ids.is_empty() {
+            return Err(ApiError::param("prompt", "the prompt is empty"));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(ApiError::param(
+                "prompt",
+                format!("token id {bad} is not below the vocabulary size {vocab_size}"),
+            ));
+        }
+        let max_tokens = resolve_max_tokens(params.max_tokens, default_max, ids.len(), max_context, "prompt")?;
+        jobs.push(PromptJob { ids, max_tokens });
+    }
+    let submitted = generate::submit(&state, jobs, &params, &request_id)?;
+
+    let id = new_id("cmpl");
+    let created = unix_now();
+    if req.stream.unwrap_or(false) {
+        let formatter = CompletionFormatter {
+            id,
+            created,
+            model: state.model.id.clone(),
+            fingerprint: state.system_fingerprint.clone(),
+            include_usage: req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            prompt_tokens: submitted.prompt_tokens,
+            completion_tokens: 0,
+            logprobs: logprobs.is_some(),
+            char_offsets: vec![0; submitted.num_choices],
+        };
+        return Ok(sse::stream_response(submitted.events, formatter, state.options.keep_alive));
+    }
+
+    let choices = generate::collect(submitted.events, submitted.num_choices).await?;
+    let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    let response = Completion {
+        id,
+        object: "text_completion".into(),
+        created,
+        model: state.model.id.clone(),
+        system_fingerprint: state.system_fingerprint.clone(),
+        choices: choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| CompletionChoice {
+                index,
+                logprobs: logprobs.map(|_| {
+                    let mut all = CompletionLogprobs::default();
+                    for (lp, &offset) in c.logprobs.iter().zip(&c.text_offsets) {
+                        all.extend(completion_logprob(lp, offset));
+                    }
+                    all
+                }),
+                text: c.text,
+                finish_reason: c.finish_reason.map(|f| f.as_str().to_string()),
+            })
+            .collect(),
+        usage: Some(UsageInfo::new(submitted.prompt_tokens, completion_tokens)),
+    };
+    Ok(Json(response).into_response())
+}
+
+fn rename_param(err: ApiError, from: &str, to: &str) -> ApiError {
+    match err {
+        ApiError::InvalidRequest { message, param, code } if param.as_deref() == Some(from) => {
+            ApiError::InvalidRequest {
+                message: message.replace(from, to),
+                param: Some(to.to_string()),
+                code,
+            }
+        }
+        other => other,
+    }
+}
+
+/// A string, an array of strings, an array of token ids, or an array of arrays of ids.
+pub fn parse_prompt(prompt: &Value, max_prompts: usize) -> Result<Vec<PromptInput>, ApiError> {
+    let shape_error = || {
+        ApiError::param(
+            "prompt",
+            "`prompt` must be a string, an array of strings, an array of token ids or an array of arrays of token ids",
+        )
+    };
+    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| ApiError::param("prompt", format!("`{v}` is not a valid token id")))
+            })
+            .collect()
+    };
+    let inputs = match prompt {
+        Value::String(s) => vec![PromptInput::Text(s.clone())],
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::param("prompt", "`prompt` must not be an empty array"));
+        }
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|v| v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(shape_error))
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![PromptInput::Ids(ids(items)?)],
+            Value::Array(_) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Array(inner) if !inner.is_empty() => Ok(PromptInput::Ids(ids(inner)?)),
+                    Value::Array(_) => Err(ApiError::param("prompt", "a token-id prompt must not be empty")),
+                    _ => Err(shape_error()),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(shape_error()),
+        },
+        _ => return Err(shape_error()),
+    };
+    if inputs.len() > max_prompts {
+        return Err(ApiError::param(
+            "prompt",
+            format!("at most {max_prompts} prompts per request, got {}", inputs.len()),
+        ));
+    }
+    Ok(inputs)
+}
+
+fn completion_logprob(lp: &SampledLogprobs, offset: usize) -> CompletionLogprobs {
+    let top: HashMap<String, f32> = lp.top.iter().map(|t| (t.token.clone(), t.logprob)).collect();
+    CompletionLogprobs {
+        tokens: vec![lp.chosen.token.clone()],
+        token_logprobs: vec![lp.chosen.logprob],
+        top_logprobs: vec![top],
+        text_offset: vec![offset],
+    }
+}
+
+struct CompletionFormatter {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    include_usage: bool,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    logprobs: bool,
+    char_offsets: Vec<usize>,
+}
+
+impl CompletionFormatter {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<UsageInfo>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+impl ChunkFormatter for CompletionFormatter {
+    fn start(&mut self) -> Vec<Event> {
+        Vec::new()
+    }
+
+    fn event(&mut self, event: ChoiceEvent) -> Vec<Event> {
+        match event {
+            ChoiceEvent::Token { index, text, logprobs } => {
+                let logprobs = logprobs.filter(|_| self.logprobs);
+                if text.is_empty() && logprobs.is_none() {
+                    return Vec::new();
+                }
+                let offset = self.char_offsets.get(index).copied().unwrap_or(0);
+                if let Some(o) = self.char_offsets.get_mut(index) {
+                    *o += text.chars().count();
+                }
+                vec![sse::data(&self.chunk(
+                    vec![CompletionChoice {
+                        index,
+                        text,
+                        logprobs: logprobs.map(|lp| completion_logprob(&lp, offset)),
+                        finish_reason: None,
+                    }],
+                    None,
+                ))]
+            }
+            ChoiceEvent::Done {
+                index,
+                finish_reason,
+                completion_tokens,
+            } => {
+                self.completion_tokens += completion_tokens;
+                vec![sse::data(&self.chunk(
+                    vec![CompletionChoice {
+                        index,
+                        text: String::new(),
+                        logprobs: None,
+                        finish_reason: Some(finish_reason.as_str().into()),
+                    }],
+                    None,
+                ))]
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Vec<Event> {
+        if !self.include_usage {
+            return Vec::new();
+        }
+        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens);
+        vec![sse::data(&self.chunk(Vec::new(), Some(usage)))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prompt_shapes() {
+        assert_eq!(parse_prompt(&json!("hi"), 8).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(
+            parse_prompt(&json!(["a", "b"]), 8).unwrap(),
+            vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())]
+        );
+        assert_eq!(parse_prompt(&json!([1, 2, 3]), 8).unwrap(), vec![PromptInput::Ids(vec![1, 2, 3])]);
+        assert_eq!(
+            parse_prompt(&json!([[1], [2, 3]]), 8).unwrap(),
+            vec![PromptInput::Ids(vec![1]), PromptInput::Ids(vec![2, 3])]
+        );
+        for bad in [json!([]), json!(5), json!(["a", 1]), json!([1, -2]), json!([[1], []]), json!([1.5]), json!(null)] {
+            let err = parse_prompt(&bad, 8).unwrap_err();
+            assert_eq!(err.body().error.param.as_deref(), Some("prompt"), "{bad}");
+        }
+        assert!(parse_prompt(&json!(["a"; 9]), 8).is_err());
+    }
+}

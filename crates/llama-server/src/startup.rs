@@ -1,0 +1,104 @@
+//! From a [`ServerConfig`] to a running engine and the [`AppState`] over it:
+//! resolve the model, open the device, load weights, tokenizer and chat
+//! template, start the engine thread.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use llama_engine::{start_engine, EngineConfig};
+use llama_model::{resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
+
+use crate::config::ServerConfig;
+use crate::generation_defaults::GenerationDefaults;
+use crate::llama_codec::LlamaCodec;
+use crate::model_source::{self, ModelSource};
+use crate::state::{AppState, ServedModel};
+
+/// Seed of `random:SHAPE` weights: fixed, so two replicas answer alike.
+const RANDOM_WEIGHTS_SEED: u64 = 0;
+
+pub fn engine_config(config: &ServerConfig) -> anyhow::Result<EngineConfig> {
+    let mut engine = EngineConfig::default();
+    let settings = &config.engine;
+    if let Some(budget) = &settings.kv_cache_memory {
+        let budget: KvBudget = budget
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--kv-cache-memory: {e}"))?;
+        engine.kv_cache = KvCacheSpec {
+            budget,
+            ..engine.kv_cache
+        };
+    }
+    if let Some(v) = settings.max_num_seqs {
+        engine.max_num_seqs = v;
+    }
+    if let Some(v) = settings.max_num_batched_tokens {
+        engine.max_num_batched_tokens = v;
+    }
+    if let Some(v) = settings.max_queue {
+        engine.max_queue = v;
+    }
+    Ok(engine)
+}
+
+/// Loads everything and starts the engine; the returned state serves requests.
+pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
+    let resolved = model_source::resolve(
+        config.model.model.as_deref(),
+        config.model.revision.as_deref(),
+        &config.model.hub,
+    )
+    .await?;
+    let device_spec: DeviceSpec = config.model.device.parse()?;
+    let dtype = match &config.model.dtype {
+        Some(d) => d.parse::<DTypeSpec>()?,
+        None if device_spec == DeviceSpec::Cpu => DTypeSpec::F32,
+        // Llama 2 was trained in bf16; f32 would double GPU memory for nothing.
+        None => DTypeSpec::BF16,
+    };
+    let engine_config = engine_config(config)?;
+    let mut options = config.app.clone();
+    options.limits.max_n = engine_config.max_n;
+    options.limits.max_logprobs = engine_config.max_logprobs;
+
+    let source = resolved.source.clone();
+    let (handle, codec, defaults) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let device = device_spec.open()?;
+        let model_options = ModelOptions {
+            dtype: dtype.dtype(),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let (model, text_dir, defaults) = match &source {
+            ModelSource::Dir(dir) => (
+                LlamaModel::load(dir, &device, model_options).with_context(|| format!("loading {}", dir.display()))?,
+                dir.clone(),
+                GenerationDefaults::from_model_dir(dir)?,
+            ),
+            ModelSource::Random { shape, tokenizer_dir } => (
+                LlamaModel::random(resolve_shape(shape)?, RANDOM_WEIGHTS_SEED, &device, model_options)?,
+                tokenizer_dir.clone(),
+                GenerationDefaults::default(),
+            ),
+        };
+        let codec = LlamaCodec::from_model_dir(&text_dir)?;
+        tracing::info!(
+            device = %device_spec,
+            dtype = %dtype,
+            context = model.config().max_position_embeddings,
+            seconds = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        let handle = start_engine(model, codec.tokenizer().clone(), engine_config)?;
+        Ok((handle, codec, defaults))
+    })
+    .await??;
+
+    options.generation_defaults = defaults;
+    let mut served = ServedModel::new(config.model.served_model_name.clone().unwrap_or(resolved.name.clone()));
+    if config.model.served_model_name.is_some() {
+        served.aliases.push(resolved.name);
+    }
+    served.aliases.extend(resolved.aliases);
+    Ok(AppState::new(Arc::new(handle), Arc::new(codec), served, options))
+}

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::tokenizer::{token_content, Tokenizer, TokenizerError};
@@ -25,7 +25,7 @@ const E_SYS: &str = "\n<</SYS>>\n\n";
 /// gets the exact token-level rendering instead.
 pub const LLAMA2_CHAT_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
@@ -49,7 +49,7 @@ impl std::fmt::Display for Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
@@ -69,7 +69,8 @@ pub enum ChatTemplateError {
     #[error("messages must not be empty")]
     Empty,
     #[error(
-        "message {index} has role {found} where {expected} was expected: roles must alternate user/assistant after an optional system message"
+        "message {index} has role {found} where {expected} was expected: \
+         roles must alternate user/assistant after an optional system message"
     )]
     RoleOrder {
         index: usize,
@@ -107,49 +108,28 @@ impl ChatTemplate {
     /// `chat_template.jinja` next to it, as newer transformers save it).
     /// No template, or Llama 2's own, selects [`ChatTemplate::Llama2`].
     pub fn from_model_dir(dir: &Path) -> Result<Self, ChatTemplateError> {
-        let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() {
-            read_json(&config_path)?
-        } else {
-            Value::Null
-        };
-        let source =
-            match template_source(&config.get("chat_template").cloned().unwrap_or(Value::Null)) {
-                Some(source) => Some(source),
-                None => {
-                    let jinja_path = dir.join("chat_template.jinja");
-                    if jinja_path.is_file() {
-                        Some(
-                            std::fs::read_to_string(&jinja_path)
-                                .map_err(|e| config_error(&jinja_path, e))?,
-                        )
-                    } else {
-                        None
-                    }
-                }
-            };
-        let Some(source) = source else {
-            return Ok(ChatTemplate::Llama2);
+        let config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
+        let jinja_path = dir.join("chat_template.jinja");
+        let source = match template_source(&config["chat_template"]) {
+            Some(source) => source,
+            None if jinja_path.is_file() => {
+                std::fs::read_to_string(&jinja_path).map_err(|e| config_error(&jinja_path, e))?
+            }
+            None => return Ok(ChatTemplate::Llama2),
         };
         if without_whitespace(&source) == without_whitespace(LLAMA2_CHAT_TEMPLATE) {
             return Ok(ChatTemplate::Llama2);
         }
-        let special = |key: &str, fallback: &str| -> Result<String, ChatTemplateError> {
-            if let Some(token) = token_content(config.get(key)) {
-                return Ok(token);
-            }
-            let map_path = dir.join("special_tokens_map.json");
-            if map_path.is_file() {
-                if let Some(token) = token_content(read_json(&map_path)?.get(key)) {
-                    return Ok(token);
-                }
-            }
-            Ok(fallback.to_owned())
+        let map = read_json_if_present(&dir.join("special_tokens_map.json"))?;
+        let special = |key: &str, fallback: &str| {
+            token_content(config.get(key))
+                .or_else(|| token_content(map.get(key)))
+                .unwrap_or_else(|| fallback.to_owned())
         };
         Ok(ChatTemplate::Jinja {
+            bos_token: special("bos_token", "<s>"),
+            eos_token: special("eos_token", "</s>"),
             source,
-            bos_token: special("bos_token", "<s>")?,
-            eos_token: special("eos_token", "</s>")?,
         })
     }
 
@@ -211,13 +191,12 @@ impl ChatTemplate {
                 bos_token,
                 eos_token,
             } => {
-                let mut all = Vec::with_capacity(messages.len() + 1);
-                if let (Some(system), false) = (
-                    default_system_prompt,
-                    messages.iter().any(|m| m.role == Role::System),
-                ) {
-                    all.push(ChatMessage::new(Role::System, system));
-                }
+                let has_system = messages.iter().any(|m| m.role == Role::System);
+                let default = default_system_prompt.filter(|_| !has_system);
+                let mut all: Vec<ChatMessage> = default
+                    .map(|s| ChatMessage::new(Role::System, s))
+                    .into_iter()
+                    .collect();
                 all.extend_from_slice(messages);
                 render_jinja(source, &all, bos_token, eos_token)
             }
@@ -236,65 +215,51 @@ fn llama2_turns(
     messages: &[ChatMessage],
     default_system_prompt: Option<&str>,
 ) -> Result<Vec<Turn>, ChatTemplateError> {
-    let first = messages.first().ok_or(ChatTemplateError::Empty)?;
-    let (system, offset) = match first.role {
-        Role::System => (Some(first.content.as_str()), 1),
-        _ => (default_system_prompt, 0),
+    let (system, dialog) = match messages.split_first() {
+        None => return Err(ChatTemplateError::Empty),
+        Some((first, rest)) if first.role == Role::System => (Some(first.content.as_str()), rest),
+        Some(_) => (default_system_prompt, messages),
     };
-    let dialog = &messages[offset..];
+    let offset = messages.len() - dialog.len();
     for (i, message) in dialog.iter().enumerate() {
-        let expected = if i % 2 == 0 {
-            Role::User
-        } else {
-            Role::Assistant
-        };
+        let expected = [Role::User, Role::Assistant][i % 2];
         if message.role != expected {
+            let (index, found) = (i + offset, message.role);
             return Err(ChatTemplateError::RoleOrder {
-                index: i + offset,
+                index,
                 expected,
-                found: message.role,
+                found,
             });
         }
     }
-    match dialog.last() {
-        Some(last) if last.role == Role::User => {}
-        Some(last) => return Err(ChatTemplateError::LastNotUser { found: last.role }),
-        None => {
-            return Err(ChatTemplateError::LastNotUser {
-                found: Role::System,
-            })
-        }
+    let found = dialog.last().map_or(Role::System, |m| m.role);
+    if found != Role::User {
+        return Err(ChatTemplateError::LastNotUser { found });
     }
 
-    // Meta folds the system prompt into the first user message before
-    // stripping, so the system text keeps its whitespace and only the
-    // combined message's ends are trimmed.
-    let mut users = dialog
-        .iter()
-        .step_by(2)
-        .map(|m| m.content.clone())
-        .collect::<Vec<_>>();
-    if let Some(system) = system {
-        users[0] = format!("{B_SYS}{system}{E_SYS}{}", users[0]);
+    // Alternation was checked, so every chunk is a user message and its
+    // answer except the last, which is the open user turn.
+    let mut turns = Vec::with_capacity(dialog.len().div_ceil(2));
+    for (i, pair) in dialog.chunks(2).enumerate() {
+        // Meta folds the system prompt into the first user message before
+        // stripping: the system text keeps its whitespace, only the combined
+        // message's ends are trimmed.
+        let user = match system {
+            Some(system) if i == 0 => format!("{B_SYS}{system}{E_SYS}{}", pair[0].content),
+            _ => pair[0].content.clone(),
+        };
+        let user = py_strip(&user);
+        turns.push(match pair {
+            [_, answer] => Turn {
+                text: format!("{B_INST} {user} {E_INST} {} ", py_strip(&answer.content)),
+                closed: true,
+            },
+            _ => Turn {
+                text: format!("{B_INST} {user} {E_INST}"),
+                closed: false,
+            },
+        });
     }
-    let answers = dialog.iter().skip(1).step_by(2);
-    let mut turns: Vec<Turn> = users
-        .iter()
-        .zip(answers)
-        .map(|(user, answer)| Turn {
-            text: format!(
-                "{B_INST} {} {E_INST} {} ",
-                py_strip(user),
-                py_strip(&answer.content)
-            ),
-            closed: true,
-        })
-        .collect();
-    let last = users.last().map(String::as_str).unwrap_or_default();
-    turns.push(Turn {
-        text: format!("{B_INST} {} {E_INST}", py_strip(last)),
-        closed: false,
-    });
     Ok(turns)
 }
 
@@ -361,7 +326,11 @@ fn without_whitespace(s: &str) -> String {
     s.chars().filter(|c| !c.is_whitespace()).collect()
 }
 
-fn read_json(path: &Path) -> Result<Value, ChatTemplateError> {
+/// A missing file reads as `null`: model repositories omit these freely.
+fn read_json_if_present(path: &Path) -> Result<Value, ChatTemplateError> {
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
     let bytes = std::fs::read(path).map_err(|e| config_error(path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| config_error(path, e))
 }
@@ -375,52 +344,49 @@ fn config_error(path: &Path, e: impl std::fmt::Display) -> ChatTemplateError {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use serde_json::json;
 
     use super::*;
 
-    fn model_dir() -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../models/tiny-llama"
-        ))
+    const SYSTEM: Role = Role::System;
+    const USER: Role = Role::User;
+    const ASSISTANT: Role = Role::Assistant;
+
+    fn model_dir() -> std::path::PathBuf {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama").into()
+    }
+
+    fn tok() -> Tokenizer {
+        Tokenizer::from_model_dir(&model_dir()).unwrap()
     }
 
     fn fixture() -> Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/llama2-chat-template.json"
-        );
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+        let bytes = std::fs::read(format!("{dir}/llama2-chat-template.json")).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn jinja(source: &str) -> ChatTemplate {
+        let (bos_token, eos_token) = ("<s>".into(), "</s>".into());
+        ChatTemplate::Jinja {
+            source: source.into(),
+            bos_token,
+            eos_token,
+        }
+    }
+
+    /// Each fixture conversation as (name, messages, case).
+    fn conversations(fx: &Value) -> Vec<(String, Vec<ChatMessage>, &Value)> {
+        let list = fx["conversations"].as_array().unwrap();
+        assert_eq!(list.len(), 12);
+        let parse = |c: &Value| serde_json::from_value(c["messages"].clone()).unwrap();
+        list.iter()
+            .map(|c| (c["name"].to_string(), parse(c), c))
+            .collect()
     }
 
     fn ids(value: &Value) -> Vec<u32> {
-        value
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    }
-
-    fn messages(value: &Value) -> Vec<ChatMessage> {
-        let role = |r: &str| match r {
-            "system" => Role::System,
-            "user" => Role::User,
-            "assistant" => Role::Assistant,
-            other => panic!("unknown role {other}"),
-        };
-        value
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                ChatMessage::new(
-                    role(m["role"].as_str().unwrap()),
-                    m["content"].as_str().unwrap(),
-                )
-            })
-            .collect()
+        serde_json::from_value(value.clone()).unwrap()
     }
 
     fn msgs(list: &[(Role, &str)]) -> Vec<ChatMessage> {
@@ -429,12 +395,10 @@ mod tests {
             .collect()
     }
 
-    fn fixture_jinja(fx: &Value) -> ChatTemplate {
-        ChatTemplate::Jinja {
-            source: fx["chat_template"].as_str().unwrap().to_owned(),
-            bos_token: fx["bos_token"].as_str().unwrap().to_owned(),
-            eos_token: fx["eos_token"].as_str().unwrap().to_owned(),
-        }
+    fn llama2_text(list: &[(Role, &str)], default: Option<&str>) -> String {
+        ChatTemplate::Llama2
+            .render_text(&msgs(list), default)
+            .unwrap()
     }
 
     #[test]
@@ -443,229 +407,185 @@ mod tests {
             ChatTemplate::from_model_dir(&model_dir()).unwrap(),
             ChatTemplate::Llama2
         );
-        assert_eq!(
-            fixture()["chat_template"].as_str().unwrap(),
-            LLAMA2_CHAT_TEMPLATE
-        );
+        assert_eq!(fixture()["chat_template"], LLAMA2_CHAT_TEMPLATE);
     }
 
     #[test]
     fn llama2_ids_equal_meta_for_every_conversation() {
-        let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-        let fx = fixture();
-        let conversations = fx["conversations"].as_array().unwrap();
-        assert_eq!(conversations.len(), 12);
-        for case in conversations {
-            let name = case["name"].as_str().unwrap();
-            let msgs = messages(&case["messages"]);
-            let got = ChatTemplate::Llama2.render_ids(&msgs, &tok, None).unwrap();
+        let (tok, fx) = (tok(), fixture());
+        for (name, messages, case) in conversations(&fx) {
+            let got = ChatTemplate::Llama2
+                .render_ids(&messages, &tok, None)
+                .unwrap();
             assert_eq!(got, ids(&case["meta_ids"]), "{name}");
-            let text = ChatTemplate::Llama2.render_text(&msgs, None).unwrap();
-            assert_eq!(text, case["prompt"].as_str().unwrap(), "{name}");
+            let text = ChatTemplate::Llama2.render_text(&messages, None).unwrap();
+            assert_eq!(text, case["prompt"], "{name}");
         }
     }
 
     #[test]
     fn jinja_path_renders_fixture_prompts() {
-        let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-        let fx = fixture();
-        let template = fixture_jinja(&fx);
-        for case in fx["conversations"].as_array().unwrap() {
-            let name = case["name"].as_str().unwrap();
-            let msgs = messages(&case["messages"]);
+        let (tok, fx) = (tok(), fixture());
+        let template = jinja(fx["chat_template"].as_str().unwrap());
+        for (name, messages, case) in conversations(&fx) {
             assert_eq!(
-                template.render_text(&msgs, None).unwrap(),
-                case["prompt"].as_str().unwrap(),
+                template.render_text(&messages, None).unwrap(),
+                case["prompt"],
                 "{name}"
             );
-            let got = template.render_ids(&msgs, &tok, None).unwrap();
+            let got = template.render_ids(&messages, &tok, None).unwrap();
             assert_eq!(got, ids(&case["template_tokenized_ids"]), "{name}");
         }
     }
 
     #[test]
-    fn eos_literal_in_user_text_is_not_a_control_token() {
-        let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-        let msgs = msgs(&[(Role::User, "Say </s> then <s> please")]);
-        let ids = ChatTemplate::Llama2.render_ids(&msgs, &tok, None).unwrap();
-        assert_eq!(ids.iter().filter(|&&id| id == 1).count(), 1);
-        assert!(!ids.contains(&2));
-    }
-
-    #[test]
     fn default_system_prompt_only_without_a_system_message() {
-        let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-        let user = msgs(&[(Role::User, "Hello")]);
-        let text = ChatTemplate::Llama2
-            .render_text(&user, Some("Be kind."))
-            .unwrap();
+        let with_default = llama2_text(&[(USER, "Hello")], Some("Be kind."));
         assert_eq!(
-            text,
+            with_default,
             "<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nHello [/INST]"
         );
-        let explicit = msgs(&[(Role::System, "Be kind."), (Role::User, "Hello")]);
+        let tok = tok();
+        let (user, explicit) = (
+            msgs(&[(USER, "Hello")]),
+            msgs(&[(SYSTEM, "Be kind."), (USER, "Hello")]),
+        );
+        let defaulted = ChatTemplate::Llama2
+            .render_ids(&user, &tok, Some("Be kind."))
+            .unwrap();
         assert_eq!(
-            ChatTemplate::Llama2
-                .render_ids(&user, &tok, Some("Be kind."))
-                .unwrap(),
+            defaulted,
             ChatTemplate::Llama2
                 .render_ids(&explicit, &tok, None)
                 .unwrap()
         );
         // An explicit (even empty) system message wins over the default.
-        let empty_system = msgs(&[(Role::System, ""), (Role::User, "Hello")]);
-        let text = ChatTemplate::Llama2
-            .render_text(&empty_system, Some("Be kind."))
-            .unwrap();
-        assert_eq!(text, "<s>[INST] <<SYS>>\n\n<</SYS>>\n\nHello [/INST]");
-
-        let jinja = fixture_jinja(&fixture());
+        let empty_system = llama2_text(&[(SYSTEM, ""), (USER, "Hello")], Some("Be kind."));
         assert_eq!(
-            jinja.render_text(&user, Some("Be kind.")).unwrap(),
-            ChatTemplate::Llama2.render_text(&explicit, None).unwrap()
+            empty_system,
+            "<s>[INST] <<SYS>>\n\n<</SYS>>\n\nHello [/INST]"
         );
+        let hf = jinja(LLAMA2_CHAT_TEMPLATE)
+            .render_text(&user, Some("Be kind."))
+            .unwrap();
+        assert_eq!(hf, with_default);
     }
 
     #[test]
     fn strip_follows_python() {
         assert_eq!(py_strip("\u{1c}\u{1f} a b\u{3000}\u{85}\u{a0}"), "a b");
         assert_eq!(py_strip("\u{200b}x"), "\u{200b}x");
-        let text = ChatTemplate::Llama2
-            .render_text(&msgs(&[(Role::User, "\u{1e} hi \u{1d}")]), None)
-            .unwrap();
-        assert_eq!(text, "<s>[INST] hi [/INST]");
+        assert_eq!(
+            llama2_text(&[(USER, "\u{1e} hi \u{1d}")], None),
+            "<s>[INST] hi [/INST]"
+        );
     }
 
     #[test]
     fn bad_role_orders_error() {
-        let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-        let jinja = fixture_jinja(&fixture());
-        let cases: Vec<(Vec<ChatMessage>, &str)> = vec![
-            (vec![], "empty"),
-            (msgs(&[(Role::System, "s")]), "last"),
-            (msgs(&[(Role::Assistant, "a"), (Role::User, "u")]), "order"),
-            (msgs(&[(Role::User, "u"), (Role::User, "u")]), "order"),
-            (
-                msgs(&[(Role::User, "u"), (Role::System, "s"), (Role::User, "u")]),
-                "order",
-            ),
-            (
-                msgs(&[(Role::System, "s"), (Role::System, "s"), (Role::User, "u")]),
-                "order",
-            ),
-            (msgs(&[(Role::User, "u"), (Role::Assistant, "a")]), "last"),
-        ];
-        for (messages, kind) in cases {
+        let tok = tok();
+        let error = |list: &[(Role, &str)]| {
             let err = ChatTemplate::Llama2
-                .render_ids(&messages, &tok, None)
+                .render_ids(&msgs(list), &tok, None)
                 .unwrap_err();
-            let ok = match kind {
-                "empty" => matches!(err, ChatTemplateError::Empty),
-                "last" => matches!(err, ChatTemplateError::LastNotUser { .. }),
-                _ => matches!(err, ChatTemplateError::RoleOrder { .. }),
-            };
-            assert!(ok, "{messages:?}: {err}");
-            assert!(ChatTemplate::Llama2.render_text(&messages, None).is_err());
-        }
-        let err = ChatTemplate::Llama2
-            .render_text(&msgs(&[(Role::User, "u"), (Role::User, "u")]), None)
-            .unwrap_err();
+            let text_err = ChatTemplate::Llama2.render_text(&msgs(list), Some("default"));
+            assert_eq!(text_err.unwrap_err().to_string(), err.to_string());
+            err.to_string()
+        };
+        assert_eq!(error(&[]), "messages must not be empty");
+        let last = "the last message must have role user, found";
+        assert_eq!(error(&[(SYSTEM, "s")]), format!("{last} system"));
         assert_eq!(
-            err.to_string(),
-            "message 1 has role user where assistant was expected: roles must alternate user/assistant after an optional system message"
+            error(&[(USER, "u"), (ASSISTANT, "a")]),
+            format!("{last} assistant")
         );
+        let order = "roles must alternate user/assistant after an optional system message";
+        let cases: [(&[(Role, &str)], &str); 4] = [
+            (
+                &[(ASSISTANT, "a"), (USER, "u")],
+                "message 0 has role assistant where user",
+            ),
+            (
+                &[(USER, "u"), (SYSTEM, "s"), (USER, "u")],
+                "message 1 has role system where assistant",
+            ),
+            (
+                &[(SYSTEM, "s"), (SYSTEM, "s"), (USER, "u")],
+                "message 1 has role system where user",
+            ),
+            (
+                &[(USER, "u"), (USER, "u")],
+                "message 1 has role user where assistant",
+            ),
+        ];
+        for (list, prefix) in cases {
+            assert_eq!(error(list), format!("{prefix} was expected: {order}"));
+        }
 
-        let err = jinja
-            .render_text(&msgs(&[(Role::User, "u"), (Role::User, "u")]), None)
-            .unwrap_err();
+        let err = jinja(LLAMA2_CHAT_TEMPLATE).render_text(&msgs(&[(USER, "u"), (USER, "u")]), None);
+        let expected = "Conversation roles must alternate user/assistant/user/assistant/...";
         assert!(
-            matches!(&err, ChatTemplateError::Raised(m) if m == "Conversation roles must alternate user/assistant/user/assistant/..."),
-            "{err}"
+            matches!(&err, Err(ChatTemplateError::Raised(m)) if m == expected),
+            "{err:?}"
         );
     }
 
     #[test]
     fn custom_chatml_template_renders() {
-        let tok = Tokenizer::from_model_dir(&model_dir()).unwrap();
-        let source = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-        let template = ChatTemplate::Jinja {
-            source: source.into(),
-            bos_token: "<s>".into(),
-            eos_token: "</s>".into(),
-        };
-        let messages = msgs(&[
-            (Role::System, "Be brief."),
-            (Role::User, " Hi "),
-            (Role::Assistant, "Hello."),
-            (Role::User, "Bye"),
-        ]);
-        let text = template.render_text(&messages, None).unwrap();
-        let expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n";
-        assert_eq!(text, expected);
+        let source = "{% for m in messages %}\n\
+                      {{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>' }}\n\
+                      {% endfor %}\n\
+                      {% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let messages = [
+            (SYSTEM, "Be brief."),
+            (USER, " Hi "),
+            (ASSISTANT, "Hello."),
+            (USER, "Bye"),
+        ];
+        let messages = msgs(&messages);
+        let expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+                        <|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n\
+                        <|im_start|>assistant\n";
+        // trim_blocks drops the newline after a block tag (not after `}}`), as in transformers.
         assert_eq!(
-            template.render_ids(&messages, &tok, None).unwrap(),
-            tok.encode(expected, false).unwrap()
+            jinja(source).render_text(&messages, None).unwrap(),
+            expected
         );
-
-        let broken = ChatTemplate::Jinja {
-            source: "{% for %}".into(),
-            bos_token: String::new(),
-            eos_token: String::new(),
-        };
-        assert!(matches!(
-            broken.render_text(&messages, None),
-            Err(ChatTemplateError::Render(_))
-        ));
+        let (tok, template) = (tok(), jinja(source));
+        let got = template.render_ids(&messages, &tok, None).unwrap();
+        assert_eq!(got, tok.encode(expected, false).unwrap());
+        let broken = jinja("{% for %}").render_text(&messages, None);
+        assert!(
+            matches!(broken, Err(ChatTemplateError::Render(_))),
+            "{broken:?}"
+        );
     }
 
     #[test]
     fn model_dir_with_other_template_is_jinja() {
-        let dir =
-            std::env::temp_dir().join(format!("llama-engine-chat-template-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("llama-chat-template-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let write = |config: Value| {
-            std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap()
+        let load = |config: Value| {
+            std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+            ChatTemplate::from_model_dir(&dir).unwrap()
         };
+        let render = |t: ChatTemplate| t.render_text(&msgs(&[(USER, "x")]), None).unwrap();
 
-        write(
-            serde_json::json!({"chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}", "bos_token": {"content": "<B>"}, "eos_token": "<E>"}),
-        );
-        let template = ChatTemplate::from_model_dir(&dir).unwrap();
-        assert!(
-            matches!(&template, ChatTemplate::Jinja { bos_token, eos_token, .. } if bos_token == "<B>" && eos_token == "<E>")
-        );
-        assert_eq!(
-            template
-                .render_text(&msgs(&[(Role::User, "x")]), None)
-                .unwrap(),
-            "<B>x"
-        );
+        let source =
+            "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}{{ eos_token }}";
+        let tokens =
+            json!({"chat_template": source, "bos_token": {"content": "<B>"}, "eos_token": "<E>"});
+        assert_eq!(render(load(tokens)), "<B>x<E>");
+        let named = json!([{"name": "tool_use", "template": "no"}, {"name": "default", "template": source}]);
+        assert_eq!(render(load(json!({ "chat_template": named }))), "<s>x</s>");
 
         // Llama 2's template reformatted is still Llama 2's.
-        write(
-            serde_json::json!({"chat_template": LLAMA2_CHAT_TEMPLATE.replace("%}{%", "%}\n  {%")}),
-        );
+        let reformatted = LLAMA2_CHAT_TEMPLATE.replace("%}{%", "%}\n  {%");
         assert_eq!(
-            ChatTemplate::from_model_dir(&dir).unwrap(),
+            load(json!({ "chat_template": reformatted })),
             ChatTemplate::Llama2
         );
-
-        write(
-            serde_json::json!({"chat_template": [{"name": "default", "template": "{{ eos_token }}"}]}),
-        );
-        let template = ChatTemplate::from_model_dir(&dir).unwrap();
-        assert_eq!(
-            template
-                .render_text(&msgs(&[(Role::User, "x")]), None)
-                .unwrap(),
-            "</s>"
-        );
-
-        write(serde_json::json!({"add_bos_token": true}));
-        assert_eq!(
-            ChatTemplate::from_model_dir(&dir).unwrap(),
-            ChatTemplate::Llama2
-        );
+        assert_eq!(load(json!({ "add_bos_token": true })), ChatTemplate::Llama2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

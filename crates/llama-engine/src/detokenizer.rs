@@ -40,6 +40,8 @@ pub struct IncrementalDetokenizer {
     /// `window[..read]` is already accounted for: its text is either part of
     /// the prompt or has been returned by `push`/`finish`.
     read: usize,
+    /// Characters still to drop from the output, see [`Self::take_delta`].
+    owed_chars: usize,
     text: String,
 }
 
@@ -59,6 +61,7 @@ impl IncrementalDetokenizer {
             read: window.len(),
             window,
             tokenizer,
+            owed_chars: 0,
             text: String::new(),
         }
     }
@@ -76,11 +79,10 @@ impl IncrementalDetokenizer {
         if full.ends_with('\u{FFFD}') && held < MAX_HELD_FOR_REPLACEMENT {
             return String::new();
         }
-        let delta = new_suffix(&prefix, &full);
+        let delta = self.take_delta(&prefix, &full);
         // The new token is a boundary: everything before it is final.
         self.window.drain(..self.window.len() - 1);
         self.read = 1;
-        self.text.push_str(&delta);
         delta
     }
 
@@ -97,10 +99,37 @@ impl IncrementalDetokenizer {
             return String::new();
         }
         let (prefix, full) = self.decode_window();
-        let delta = new_suffix(&prefix, &full);
+        let delta = self.take_delta(&prefix, &full);
         self.read = self.window.len();
+        delta
+    }
+
+    /// Appends the text `full` adds after `prefix` to the output and returns it.
+    ///
+    /// `full` starts with `prefix` except when a byte run that started in the
+    /// prompt changes meaning (`<0xD9>` alone decodes to U+FFFD, `<0xD9><0xA5>`
+    /// to one Arabic digit). The definition `full_text[len(prompt_text):]`
+    /// then slices by characters, as in Python, and may even have to drop
+    /// characters that come later: they are owed and dropped from later text.
+    fn take_delta(&mut self, prefix: &str, full: &str) -> String {
+        let delta = match full.strip_prefix(prefix) {
+            Some(rest) if self.owed_chars == 0 => rest.to_string(),
+            Some(rest) => self.pay_owed(rest),
+            None => {
+                self.owed_chars += prefix.chars().count();
+                self.pay_owed(full)
+            }
+        };
         self.text.push_str(&delta);
         delta
+    }
+
+    fn pay_owed(&mut self, text: &str) -> String {
+        let mut chars = text.chars();
+        while self.owed_chars > 0 && chars.next().is_some() {
+            self.owed_chars -= 1;
+        }
+        chars.as_str().to_string()
     }
 
     /// Decodes the already-read part of the window and the whole window.
@@ -123,7 +152,9 @@ impl IncrementalDetokenizer {
 fn is_boundary(tokenizer: &Tokenizer, id: u32) -> bool {
     match tokenizer.id_to_token(id) {
         None => false,
-        Some(token) => !is_byte_piece(&token) && !tokenizer.get_added_vocabulary().is_special_token(&token),
+        Some(token) => {
+            !is_byte_piece(&token) && !tokenizer.get_added_vocabulary().is_special_token(&token)
+        }
     }
 }
 
@@ -135,17 +166,6 @@ fn is_byte_piece(token: &str) -> bool {
         && u8::from_str_radix(&token[3..5], 16).is_ok()
 }
 
-/// The text `full` adds after `prefix`. When a byte run that started in the
-/// prompt turns out invalid, `full` no longer starts with `prefix`; then we
-/// skip as many characters as `prefix` has, which is what slicing the full
-/// decode by the prompt's decoded length (in characters) gives.
-fn new_suffix(prefix: &str, full: &str) -> String {
-    match full.strip_prefix(prefix) {
-        Some(rest) => rest.to_string(),
-        None => full.chars().skip(prefix.chars().count()).collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,13 +175,17 @@ mod tests {
     use std::sync::LazyLock;
 
     static TOKENIZER: LazyLock<Arc<Tokenizer>> = LazyLock::new(|| {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/tiny-llama/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/tiny-llama/tokenizer.json"
+        );
         Arc::new(Tokenizer::from_file(path).expect("tokenizer fixture"))
     });
 
     fn fixture(name: &str) -> serde_json::Value {
         let path = format!("{}/../../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file")).expect("fixture json")
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file"))
+            .expect("fixture json")
     }
 
     fn ids_of(value: &serde_json::Value) -> Vec<u32> {
@@ -170,19 +194,24 @@ mod tests {
     }
 
     fn encode(text: &str, special: bool) -> Vec<u32> {
-        TOKENIZER.encode(text, special).expect("encode").get_ids().to_vec()
+        TOKENIZER
+            .encode(text, special)
+            .expect("encode")
+            .get_ids()
+            .to_vec()
     }
 
     fn decode(ids: &[u32]) -> String {
         TOKENIZER.decode(ids, true).expect("decode")
     }
 
-    /// The definition: delta of the decoded whole sequence over the decoded
-    /// prompt (sliced in characters where the prompt's text is not a prefix,
-    /// as Python's `full[len(prompt_text):]`).
+    /// The definition: Python's `full_text[len(prompt_text):]`, in characters.
     fn expected(prompt: &[u32], generated: &[u32]) -> String {
         let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
-        new_suffix(&decode(prompt), &decode(&all))
+        decode(&all)
+            .chars()
+            .skip(decode(prompt).chars().count())
+            .collect()
     }
 
     /// Streams `generated` and checks the invariants on the way; returns the
@@ -194,14 +223,24 @@ mod tests {
         for (i, &id) in generated.iter().enumerate() {
             let chunk = detok.push(id);
             if !want.contains('\u{FFFD}') {
-                assert!(!chunk.contains('\u{FFFD}'), "U+FFFD mid-stream at {i}: {generated:?}");
+                assert!(
+                    !chunk.contains('\u{FFFD}'),
+                    "U+FFFD mid-stream at {i}: {generated:?}"
+                );
             }
             chunks.push(chunk);
-            assert!(want.starts_with(detok.text()), "streamed text diverged at {i}: {generated:?}");
+            assert!(
+                want.starts_with(detok.text()),
+                "streamed text diverged at {i}: {generated:?}"
+            );
             assert!(detok.window_len() <= prompt.len() + generated.len() + 1);
         }
         chunks.push(detok.finish());
-        assert_eq!(chunks.concat(), want, "prompt {prompt:?} generated {generated:?}");
+        assert_eq!(
+            chunks.concat(),
+            want,
+            "prompt {prompt:?} generated {generated:?}"
+        );
         assert_eq!(detok.text(), want);
         assert_eq!(detok.finish(), "", "finish twice");
         chunks
@@ -214,7 +253,10 @@ mod tests {
             let prompt = ids_of(&case["prompt_ids"]);
             let generated = ids_of(&case["greedy_ids"]);
             let chunks = stream_checked(&prompt, &generated);
-            assert_eq!(chunks.concat(), case["greedy_text_incremental"].as_str().expect("text"));
+            assert_eq!(
+                chunks.concat(),
+                case["greedy_text_incremental"].as_str().expect("text")
+            );
         }
     }
 
@@ -237,12 +279,12 @@ mod tests {
 
     #[test]
     fn byte_fallback_character_comes_out_whole() {
-        // "€" is not in the vocabulary: <0xE2> <0x82> <0xAC>.
-        let generated = encode("a€b", false);
-        assert!(generated.len() >= 5, "{generated:?}");
+        // "😀" is not in the vocabulary: <0xF0> <0x9F> <0x98> <0x80>.
+        let generated = encode("a😀b", false);
+        assert!(generated.len() >= 6, "{generated:?}");
         let chunks = stream_checked(&[1, 15043], &generated);
         assert!(chunks.iter().all(|c| c.chars().all(|ch| ch != '\u{FFFD}')));
-        assert!(chunks.iter().any(|c| c.contains('€')));
+        assert!(chunks.iter().any(|c| c.contains('😀')));
     }
 
     #[test]
@@ -276,7 +318,11 @@ mod tests {
         let prompts = [vec![], vec![1], encode("Hello", true), encode("x\n", true)];
         for case in cases["cases"].as_array().expect("cases") {
             let ids = ids_of(&case["ids"]);
-            let want = case.get("decoded").unwrap_or(&case["text"]).as_str().expect("text");
+            let want = case
+                .get("decoded")
+                .unwrap_or(&case["text"])
+                .as_str()
+                .expect("text");
             assert_eq!(stream_checked(&[1], &ids[1..]).concat(), want);
             for prompt in &prompts {
                 stream_checked(prompt, &ids[1..]);
@@ -289,7 +335,20 @@ mod tests {
     }
 
     /// Strings whose characters are mostly outside the vocabulary.
-    const RARE_TEXT: &[&str] = &["😀", "🦀🚀", "👨‍👩‍👧", "€", "龘", "𝄞", "ｱ", "🇫🇷", "中文字", "é", "\n", "\u{1F9EA}"];
+    const RARE_TEXT: &[&str] = &[
+        "😀",
+        "🦀🚀",
+        "👨‍👩‍👧",
+        "€",
+        "龘",
+        "𝄞",
+        "ｱ",
+        "🇫🇷",
+        "中文字",
+        "é",
+        "\n",
+        "\u{1F9EA}",
+    ];
 
     /// A long sequence mixing every kind of token: random vocabulary pieces,
     /// byte-fallback runs that encode real characters, stray bytes, specials.
@@ -302,7 +361,10 @@ mod tests {
                     let text = RARE_TEXT[rng.random_range(0..RARE_TEXT.len())];
                     ids.extend(text.bytes().map(|b| 3 + u32::from(b)));
                 }
-                65..=79 => ids.extend(encode(RARE_TEXT[rng.random_range(0..RARE_TEXT.len())], false)),
+                65..=79 => ids.extend(encode(
+                    RARE_TEXT[rng.random_range(0..RARE_TEXT.len())],
+                    false,
+                )),
                 80..=91 => ids.push(rng.random_range(3..=258)),
                 _ => ids.push(rng.random_range(0..3)),
             }
@@ -346,8 +408,12 @@ mod tests {
                 .map(|_| match rng.random_range(0..4) {
                     0 => RARE_TEXT[rng.random_range(0..RARE_TEXT.len())].to_string(),
                     1 => " ".to_string(),
-                    2 => ["the", "Straße", "日本", "привет", "x"][rng.random_range(0..5)].to_string(),
-                    _ => char::from_u32(rng.random_range(0x20..0x2FFFF)).unwrap_or('?').to_string(),
+                    2 => {
+                        ["the", "Straße", "日本", "привет", "x"][rng.random_range(0..5)].to_string()
+                    }
+                    _ => char::from_u32(rng.random_range(0x20..0x2FFFF))
+                        .unwrap_or('?')
+                        .to_string(),
                 })
                 .collect();
             let ids = encode(&text, true);

@@ -41,28 +41,44 @@ impl StopMatcher {
         let mut stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
         stops.sort();
         stops.dedup();
-        Self { stops, held: String::new(), stopped: false }
+        Self {
+            stops,
+            held: String::new(),
+            stopped: false,
+        }
     }
 
     /// Feeds newly detokenized text; returns the text that is safe to send now.
     /// Once a stop string has been found, further calls return nothing.
     pub fn push(&mut self, text: &str) -> StopOutcome {
         if self.stopped {
-            return StopOutcome { emit: String::new(), stopped: true };
+            return StopOutcome {
+                emit: String::new(),
+                stopped: true,
+            };
         }
         if self.stops.is_empty() {
-            return StopOutcome { emit: text.to_string(), stopped: false };
+            return StopOutcome {
+                emit: text.to_string(),
+                stopped: false,
+            };
         }
         self.held.push_str(text);
         if let Some(start) = self.first_completed_stop() {
             self.held.truncate(start);
             self.stopped = true;
-            return StopOutcome { emit: std::mem::take(&mut self.held), stopped: true };
+            return StopOutcome {
+                emit: std::mem::take(&mut self.held),
+                stopped: true,
+            };
         }
         let keep_from = self.partial_match_start();
         let rest = self.held.split_off(keep_from);
         let emit = std::mem::replace(&mut self.held, rest);
-        StopOutcome { emit, stopped: false }
+        StopOutcome {
+            emit,
+            stopped: false,
+        }
     }
 
     /// End of generation without a stop string: returns the held-back text.
@@ -73,7 +89,12 @@ impl StopMatcher {
     /// The most bytes that `push` can hold back (one less than the longest stop
     /// string).
     pub fn max_holdback(&self) -> usize {
-        self.stops.iter().map(String::len).max().unwrap_or(0).saturating_sub(1)
+        self.stops
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1)
     }
 
     /// Whether a stop string has been found.
@@ -87,7 +108,11 @@ impl StopMatcher {
     fn first_completed_stop(&self) -> Option<usize> {
         self.stops
             .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()).map(|start| (start + stop.len(), start)))
+            .filter_map(|stop| {
+                self.held
+                    .find(stop.as_str())
+                    .map(|start| (start + stop.len(), start))
+            })
             .min()
             .map(|(_, start)| start)
     }
@@ -130,7 +155,11 @@ mod tests {
         let ends = text.char_indices().map(|(i, c)| i + c.len_utf8());
         for end in ends {
             let seen = &text[..end];
-            let longest = stops.iter().filter(|s| !s.is_empty() && seen.ends_with(s.as_str())).map(String::len).max();
+            let longest = stops
+                .iter()
+                .filter(|s| !s.is_empty() && seen.ends_with(s.as_str()))
+                .map(String::len)
+                .max();
             if let Some(len) = longest {
                 return (text[..end - len].to_string(), true);
             }
@@ -151,6 +180,8 @@ mod tests {
                 return (out, true);
             }
             assert!(m.held_len() <= m.max_holdback());
+            // Held back only what can still become a stop string.
+            assert!(m.held.is_empty() || m.stops.iter().any(|s| s.starts_with(m.held.as_str())));
         }
         out.push_str(&m.flush());
         (out, false)
@@ -164,7 +195,13 @@ mod tests {
     fn no_stops_passes_everything_through() {
         let mut m = matcher(&[]);
         assert_eq!(m.max_holdback(), 0);
-        assert_eq!(m.push("abc"), StopOutcome { emit: "abc".into(), stopped: false });
+        assert_eq!(
+            m.push("abc"),
+            StopOutcome {
+                emit: "abc".into(),
+                stopped: false
+            }
+        );
         assert_eq!(m.flush(), "");
         let mut m = matcher(&["", ""]);
         assert_eq!(m.push("x").emit, "x");
@@ -177,8 +214,20 @@ mod tests {
         assert_eq!(m.push("b").emit, "\nb");
         assert_eq!(m.push("\n").emit, "");
         let out = m.push("\nrest");
-        assert_eq!(out, StopOutcome { emit: String::new(), stopped: true });
-        assert_eq!(m.push("more"), StopOutcome { emit: String::new(), stopped: true });
+        assert_eq!(
+            out,
+            StopOutcome {
+                emit: String::new(),
+                stopped: true
+            }
+        );
+        assert_eq!(
+            m.push("more"),
+            StopOutcome {
+                emit: String::new(),
+                stopped: true
+            }
+        );
         assert_eq!(m.flush(), "");
     }
 
@@ -188,7 +237,13 @@ mod tests {
         assert_eq!(m.push("hello S").emit, "hello ");
         assert_eq!(m.push("T").emit, "");
         let out = m.push("OP and more");
-        assert_eq!(out, StopOutcome { emit: String::new(), stopped: true });
+        assert_eq!(
+            out,
+            StopOutcome {
+                emit: String::new(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
@@ -205,17 +260,35 @@ mod tests {
     #[test]
     fn stop_at_the_very_start() {
         let mut m = matcher(&["User:"]);
-        assert_eq!(m.push("User: hi"), StopOutcome { emit: String::new(), stopped: true });
+        assert_eq!(
+            m.push("User: hi"),
+            StopOutcome {
+                emit: String::new(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
     fn overlapping_stops_give_the_earliest_match() {
-        assert_eq!(run(&owned(&["b c", "ab"]), &["xa", "b", " c"]), ("x".into(), true));
-        assert_eq!(run(&owned(&["bc", "abc"]), &["xab", "c"]), ("x".into(), true));
+        assert_eq!(
+            run(&owned(&["b c", "ab"]), &["xa", "b", " c"]),
+            ("x".into(), true)
+        );
+        assert_eq!(
+            run(&owned(&["bc", "abc"]), &["xab", "c"]),
+            ("x".into(), true)
+        );
         assert_eq!(run(&owned(&["bc", "abc"]), &["xabc"]), ("x".into(), true));
         // A stop inside a longer one is completed first.
-        assert_eq!(run(&owned(&["abcd", "bc"]), &["xabcd"]), ("xa".into(), true));
-        assert_eq!(run(&owned(&["abcd", "bc"]), &["xab", "cd"]), ("xa".into(), true));
+        assert_eq!(
+            run(&owned(&["abcd", "bc"]), &["xabcd"]),
+            ("xa".into(), true)
+        );
+        assert_eq!(
+            run(&owned(&["abcd", "bc"]), &["xab", "cd"]),
+            ("xa".into(), true)
+        );
         // Self-overlapping stop.
         assert_eq!(run(&owned(&["aab"]), &["aa", "aab"]), ("aa".into(), true));
     }
@@ -237,21 +310,37 @@ mod tests {
     fn many_stops() {
         let stops: Vec<String> = (0..100).map(|i| format!("<{i}>")).collect();
         assert_eq!(run(&stops, &["text <4", "2> tail"]), ("text ".into(), true));
-        assert_eq!(run(&stops, &["text <x> <1", "00>"]), ("text <x> <100>".into(), false));
+        assert_eq!(
+            run(&stops, &["text <x> <1", "00>"]),
+            ("text <x> <100>".into(), false)
+        );
     }
 
     fn split(text: &str, cuts: &[usize]) -> Vec<String> {
-        let boundaries: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
-        let mut points: Vec<usize> = cuts.iter().map(|c| boundaries[c % boundaries.len()]).collect();
+        let boundaries: Vec<usize> = text
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([text.len()])
+            .collect();
+        let mut points: Vec<usize> = cuts
+            .iter()
+            .map(|c| boundaries[c % boundaries.len()])
+            .collect();
         points.extend([0, text.len()]);
         points.sort_unstable();
         // Duplicate points give empty pieces, which must be harmless too.
-        points.windows(2).map(|w| text[w[0]..w[1]].to_string()).collect()
+        points
+            .windows(2)
+            .map(|w| text[w[0]..w[1]].to_string())
+            .collect()
     }
 
     fn text_strategy(max: usize) -> impl Strategy<Value = String> {
-        proptest::collection::vec(prop_oneof![Just('a'), Just('b'), Just(' '), Just('€'), Just('é')], 0..max)
-            .prop_map(|chars| chars.into_iter().collect())
+        proptest::collection::vec(
+            prop_oneof![Just('a'), Just('b'), Just(' '), Just('€'), Just('é')],
+            0..max,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
     }
 
     proptest! {

@@ -1,0 +1,157 @@
+//! `engine-bench`: aggregate output tokens/s and time to first token through
+//! the engine (scheduler + batched forward + sampling + detokenization), at
+//! several concurrency levels, with the engine's own time breakdown.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use llama_engine::tokenizer::Tokenizer;
+use llama_engine::{start_engine, EngineConfig, GenerateRequest, StreamEvent};
+use llama_model::{resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "engine-bench", about = "Engine throughput at concurrency")]
+struct Args {
+    /// Random weights of this shape (tiny, 134m, 7b, ...) or --model DIR.
+    #[arg(long, default_value = "134m", conflicts_with = "model")]
+    random_weights: String,
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokenizer directory (the bundled one by default).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,128")]
+    concurrency: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Requests per level = concurrency × rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    #[arg(long, default_value = "2GiB")]
+    kv_cache_memory: String,
+    #[arg(long, default_value_t = 512)]
+    max_num_batched_tokens: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = args.device.parse::<DeviceSpec>()?.open()?;
+    let dtype = args.dtype.parse::<DTypeSpec>()?;
+    let opts = ModelOptions { dtype: dtype.dtype(), ..Default::default() };
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
+    let (model, tok_dir) = match &args.model {
+        Some(dir) => (LlamaModel::load(dir, &device, opts)?, dir.clone()),
+        None => (LlamaModel::random(resolve_shape(&args.random_weights)?, 1234, &device, opts)?, bundled),
+    };
+    let tokenizer = Tokenizer::from_model_dir(args.tokenizer.as_ref().unwrap_or(&tok_dir)).context("tokenizer")?;
+    let budget: KvBudget = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
+    let max_conc = *args.concurrency.iter().max().unwrap_or(&1);
+    let config = EngineConfig {
+        max_num_seqs: max_conc.max(1),
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_queue: max_conc * args.rounds + 16,
+        kv_cache: KvCacheSpec { block_size: 16, budget },
+        ..Default::default()
+    };
+    let handle = start_engine(model, tokenizer, config)?;
+    if args.prompt_len + args.gen > handle.max_context() {
+        bail!("prompt + gen exceeds the context of {}", handle.max_context());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let mut rows = Vec::new();
+    for &conc in &args.concurrency {
+        let before = handle.stats();
+        let t0 = Instant::now();
+        let results: Vec<(Duration, usize)> = rt.block_on(async {
+            let mut tasks = Vec::new();
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(conc));
+            for i in 0..conc * args.rounds {
+                // Distinct prompts so nothing is shared between requests.
+                let prompt: Vec<u32> = std::iter::once(1)
+                    .chain((1..args.prompt_len).map(|k| 100 + ((i * 7919 + k * 104729) % 30000) as u32))
+                    .collect();
+                let mut req = GenerateRequest::new(prompt, args.gen);
+                req.stop.ignore_eos = true;
+                let handle = handle.clone();
+                let slots = slots.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _permit = slots.acquire_owned().await.expect("semaphore open");
+                    let start = Instant::now();
+                    let mut g = handle.submit(req).expect("queue sized for the run");
+                    let mut ttft = None;
+                    let mut tokens = 0;
+                    while let Some(ev) = g.next_event().await {
+                        if let StreamEvent::Token { .. } = ev.expect("no engine error") {
+                            ttft.get_or_insert_with(|| start.elapsed());
+                            tokens += 1;
+                        }
+                    }
+                    (ttft.unwrap_or_default(), tokens)
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task"));
+            }
+            out
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        let after = handle.stats();
+        let tokens: usize = results.iter().map(|r| r.1).sum();
+        let mut ttft: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64() * 1000.0).collect();
+        ttft.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let step_ns = (after.schedule_ns + after.forward_ns + after.postprocess_ns)
+            - (before.schedule_ns + before.forward_ns + before.postprocess_ns);
+        let overhead_ns = (after.schedule_ns - before.schedule_ns) + (after.postprocess_ns - before.postprocess_ns);
+        let steps = after.steps_total - before.steps_total;
+        let row = serde_json::json!({
+            "concurrency": conc,
+            "requests": results.len(),
+            "output_tok_s": tokens as f64 / secs,
+            "ttft_ms_p50": percentile(&ttft, 0.5),
+            "ttft_ms_p99": percentile(&ttft, 0.99),
+            "steps": steps,
+            "ms_per_step": step_ns as f64 / 1e6 / steps.max(1) as f64,
+            "engine_overhead_pct": 100.0 * overhead_ns as f64 / step_ns.max(1) as f64,
+            "preemptions": after.preemptions_total - before.preemptions_total,
+        });
+        if !args.json {
+            eprintln!("{row}");
+        }
+        rows.push(row);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "results": rows}));
+    } else {
+        println!("| concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | engine overhead % | preemptions |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &rows {
+            println!(
+                "| {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {} |",
+                r["concurrency"], r["output_tok_s"].as_f64().unwrap(), r["ttft_ms_p50"].as_f64().unwrap(),
+                r["ttft_ms_p99"].as_f64().unwrap(), r["ms_per_step"].as_f64().unwrap(),
+                r["engine_overhead_pct"].as_f64().unwrap(), r["preemptions"]
+            );
+        }
+    }
+    handle.shutdown();
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! The engine with the real tiny model: batching never changes outputs,
+//! sampling is reproducible, cancellation and completion free every block.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use llama_engine::tokenizer::Tokenizer;
+use llama_engine::{
+    start_engine, EngineConfig, EngineHandle, FinishReason, GenerateRequest, SamplingParams, StreamEvent, SubmitError,
+};
+use llama_model::{Device, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
+use serde_json::Value;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
+}
+
+fn reference() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn engine(config: EngineConfig) -> (EngineHandle, Tokenizer) {
+    let model = LlamaModel::load(&model_dir(), &Device::Cpu, ModelOptions::default()).unwrap();
+    let tokenizer = Tokenizer::from_model_dir(&model_dir()).unwrap();
+    (start_engine(model, tokenizer.clone(), config).unwrap(), tokenizer)
+}
+
+fn default_engine() -> (EngineHandle, Tokenizer) {
+    engine(EngineConfig {
+        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 400) },
+        ..Default::default()
+    })
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Choice {
+    ids: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+}
+
+/// Collects every event of a generation (blocking).
+fn collect(mut g: llama_engine::Generation, n: usize) -> Vec<Choice> {
+    let mut choices = vec![Choice::default(); n];
+    while let Some(ev) = g.blocking_next() {
+        match ev.expect("no engine error") {
+            StreamEvent::Token { index, id, text, .. } => {
+                choices[index].ids.push(id);
+                choices[index].text.push_str(&text);
+            }
+            StreamEvent::Done { index, finish_reason, usage } => {
+                choices[index].finish = Some(finish_reason);
+                choices[index].completion_tokens = usage.completion_tokens;
+            }
+        }
+    }
+    choices
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::new(prompt, max_tokens);
+    r.stop.ignore_eos = true;
+    r
+}
+
+fn wait_idle(handle: &EngineHandle) {
+    let t0 = Instant::now();
+    loop {
+        let s = handle.stats();
+        if s.running == 0 && s.waiting == 0 && s.kv_blocks_used == 0 {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "engine did not go idle: {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn greedy_requests_match_the_reference_text() {
+    let (handle, _) = default_engine();
+    for p in reference()["prompts"].as_array().unwrap() {
+        let g = handle.submit(greedy(ids(&p["prompt_ids"]), 48)).unwrap();
+        let c = collect(g, 1).remove(0);
+        assert_eq!(c.ids, ids(&p["greedy_ids"]), "{}", p["name"]);
+        assert_eq!(c.text, p["greedy_text_incremental"].as_str().unwrap(), "{}", p["name"]);
+        assert_eq!(c.finish, Some(FinishReason::Length));
+        assert_eq!(c.completion_tokens, 48);
+    }
+    wait_idle(&handle);
+}
+
+#[test]
+fn fifty_concurrent_requests_give_their_solo_outputs() {
+    let (handle, tokenizer) = engine(EngineConfig {
+        max_num_batched_tokens: 96,
+        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 400) },
+        ..Default::default()
+    });
+    let texts = ["Hello", "The capital of France is", "fn main() {", "Once upon a time, in a land far away,", "1, 2, 3,"];
+    let requests: Vec<(Vec<u32>, usize)> = (0..50)
+        .map(|i| {
+            let mut prompt = tokenizer.encode(texts[i % texts.len()], true).unwrap();
+            prompt.extend((0..(i * 3) % 40).map(|k| 100 + (k * 37 + i) as u32 % 5000));
+            (prompt, 4 + (i * 7) % 30)
+        })
+        .collect();
+    let solo: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|(p, n)| collect(handle.submit(greedy(p.clone(), *n)).unwrap(), 1).remove(0).ids)
+        .collect();
+    let gens: Vec<_> = requests.iter().map(|(p, n)| handle.submit(greedy(p.clone(), *n)).unwrap()).collect();
+    let batched: Vec<Vec<u32>> = gens.into_iter().map(|g| collect(g, 1).remove(0).ids).collect();
+    for (i, (a, b)) in solo.iter().zip(&batched).enumerate() {
+        assert_eq!(a, b, "request {i}");
+    }
+    wait_idle(&handle);
+}
+
+fn sampled(prompt: Vec<u32>, seed: u64, n: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::new(prompt, 24);
+    r.stop.ignore_eos = true;
+    r.n = n;
+    r.sampling = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(seed), ..Default::default() };
+    r
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_solo_and_batched() {
+    let (handle, tokenizer) = default_engine();
+    let prompt = tokenizer.encode("The weather today", true).unwrap();
+    let solo = collect(handle.submit(sampled(prompt.clone(), 42, 1)).unwrap(), 1);
+    // The same request among 10 others with different seeds and prompts.
+    let mut others = Vec::new();
+    for i in 0..5 {
+        others.push(handle.submit(sampled(tokenizer.encode(&format!("Noise {i}"), true).unwrap(), i, 1)).unwrap());
+    }
+    let again = handle.submit(sampled(prompt.clone(), 42, 1)).unwrap();
+    for i in 5..10 {
+        others.push(handle.submit(sampled(tokenizer.encode(&format!("More {i}"), true).unwrap(), i, 1)).unwrap());
+    }
+    let again = collect(again, 1);
+    for g in others {
+        collect(g, 1);
+    }
+    assert_eq!(solo, again);
+    let other_seed = collect(handle.submit(sampled(prompt, 43, 1)).unwrap(), 1);
+    assert_ne!(solo[0].ids, other_seed[0].ids);
+    wait_idle(&handle);
+}
+
+#[test]
+fn n_choices_share_a_prefill_and_differ() {
+    let (handle, tokenizer) = default_engine();
+    let prompt = tokenizer.encode("Tell me a story about", true).unwrap();
+    let choices = collect(handle.submit(sampled(prompt.clone(), 7, 3)).unwrap(), 3);
+    assert_eq!(choices.len(), 3);
+    for c in &choices {
+        assert_eq!(c.completion_tokens, 24);
+        assert_eq!(c.finish, Some(FinishReason::Length));
+    }
+    assert!(choices[0].ids != choices[1].ids || choices[1].ids != choices[2].ids);
+    // Seeded: the same request gives the same three choices.
+    assert_eq!(choices, collect(handle.submit(sampled(prompt.clone(), 7, 3)).unwrap(), 3));
+    // Greedy n=3: three identical choices equal to the n=1 answer.
+    let mut g = greedy(prompt.clone(), 16);
+    g.n = 3;
+    let three = collect(handle.submit(g).unwrap(), 3);
+    let one = collect(handle.submit(greedy(prompt, 16)).unwrap(), 1);
+    for c in &three {
+        assert_eq!(c.ids, one[0].ids);
+    }
+    wait_idle(&handle);
+}
+
+#[test]
+fn stop_strings_end_the_choice_and_never_leak() {
+    let (handle, tokenizer) = default_engine();
+    let p = &reference()["prompts"][1];
+    let full = p["greedy_text_incremental"].as_str().unwrap().to_string();
+    // Pick a stop string from the middle of the greedy answer, spanning several tokens.
+    let chars: Vec<char> = full.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 4].iter().collect();
+    let mut r = greedy(ids(&p["prompt_ids"]), 48);
+    r.stop.stop_strings = vec!["never-appears".into(), stop.clone()];
+    let c = collect(handle.submit(r).unwrap(), 1).remove(0);
+    let expected = &full[..full.find(&stop).unwrap()];
+    assert_eq!(c.text, expected);
+    assert_eq!(c.finish, Some(FinishReason::Stop));
+    let _ = tokenizer;
+    wait_idle(&handle);
+}
+
+#[test]
+fn full_queue_is_refused_and_context_checked() {
+    let (handle, tokenizer) = engine(EngineConfig {
+        max_queue: 2,
+        max_num_seqs: 1,
+        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 64) },
+        ..Default::default()
+    });
+    let prompt = tokenizer.encode("Hello", true).unwrap();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        match handle.submit(greedy(prompt.clone(), 200)) {
+            Ok(g) => accepted.push(g),
+            Err(SubmitError::Overloaded { .. }) => refused += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(refused >= 15, "only {refused} refused");
+    assert!(accepted.len() <= 4);
+    let err = handle.submit(greedy(prompt.clone(), 10_000)).unwrap_err();
+    assert!(matches!(err, SubmitError::ContextLength { max_context: 512, .. }), "{err:?}");
+    drop(accepted);
+    wait_idle(&handle);
+}
+
+#[test]
+fn thousand_requests_with_cancellations_leak_nothing() {
+    let (handle, tokenizer) = engine(EngineConfig {
+        max_queue: 2000,
+        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 200) },
+        ..Default::default()
+    });
+    let total_blocks = handle.stats().kv_blocks_total;
+    let prompt = tokenizer.encode("A short prompt", true).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..1000usize {
+            let g = handle.submit(greedy(prompt.clone(), 2 + i % 6)).unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut g = g;
+                let mut seen = 0;
+                while let Some(ev) = g.next_event().await {
+                    ev.unwrap();
+                    seen += 1;
+                    if i % 10 == 0 && seen == 1 {
+                        return false; // client gone mid-stream
+                    }
+                }
+                true
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    wait_idle(&handle);
+    let s = handle.stats();
+    assert_eq!(s.kv_blocks_total, total_blocks);
+    assert!(s.requests_cancelled_total >= 1, "{s:?}");
+    assert_eq!(s.requests_finished_total + s.requests_cancelled_total, 1000, "{s:?}");
+}

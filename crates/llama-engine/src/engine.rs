@@ -184,6 +184,8 @@ impl Engine {
             }
             self.drop_cancelled_and_expired();
             if !self.scheduler.has_work() {
+                // Idle from here on: gauges must show the freed blocks before the loop blocks.
+                self.publish_gauges();
                 continue;
             }
             let t0 = Instant::now();

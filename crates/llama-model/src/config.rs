@@ -181,7 +181,7 @@ impl LlamaConfig {
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None => {
-                if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+                if num_attention_heads == 0 || !hidden_size.is_multiple_of(num_attention_heads) {
                     return Err(field_err(
                         "num_attention_heads",
                         format!("hidden_size {hidden_size} is not divisible by {num_attention_heads} heads"),
@@ -228,7 +228,7 @@ impl LlamaConfig {
                 return Err(field_err(field, "must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(field_err(
                 "num_key_value_heads",
                 format!(
@@ -237,7 +237,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(field_err(
                 "head_dim",
                 format!("must be even and positive, got {}", self.head_dim),

@@ -5,7 +5,9 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use llama_engine::{EngineError, EngineHandle, GenerateRequest, StatsSnapshot, StreamEvent, SubmitError};
+use llama_engine::{
+    EngineError, EngineHandle, GenerateRequest, StatsSnapshot, StreamEvent, SubmitError,
+};
 
 /// The events of one request. Dropping it cancels the request.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, EngineError>> + Send>>;

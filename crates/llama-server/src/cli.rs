@@ -83,7 +83,11 @@ pub struct Cli {
     pub api_key_file: Option<PathBuf>,
 
     /// An origin allowed by CORS, or * (repeatable; comma-separated in the environment).
-    #[arg(long = "cors-allow-origin", env = "LLAMA_SERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    #[arg(
+        long = "cors-allow-origin",
+        env = "LLAMA_SERVE_CORS_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
     pub cors_allow_origins: Vec<String>,
 
     /// Largest request body, in bytes or with a unit (2MiB) [default: 2MiB].
@@ -178,7 +182,8 @@ mod tests {
     #[test]
     fn the_file_rejects_typos() {
         assert!(FileConfig::from_toml("prot = 80").is_err());
-        let f = FileConfig::from_toml("port = 80\napi_key = [\"k\"]\nmax_request_bytes = \"1MiB\"").unwrap();
+        let f = FileConfig::from_toml("port = 80\napi_key = [\"k\"]\nmax_request_bytes = \"1MiB\"")
+            .unwrap();
         assert_eq!(f.port, Some(80));
         assert_eq!(f.api_keys, vec!["k"]);
         assert_eq!(f.max_request_bytes, Some(SizeValue::Text("1MiB".into())));

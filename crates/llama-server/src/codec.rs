@@ -33,7 +33,11 @@ pub trait Codec: Send + Sync + 'static {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError>;
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, CodecError>;
     /// The prompt ids of a conversation, ready for the model (BOS included).
-    fn render_chat(&self, turns: &[ChatTurn], default_system_prompt: Option<&str>) -> Result<Vec<u32>, CodecError>;
+    fn render_chat(
+        &self,
+        turns: &[ChatTurn],
+        default_system_prompt: Option<&str>,
+    ) -> Result<Vec<u32>, CodecError>;
     fn vocab_size(&self) -> usize;
     /// The vocabulary piece of `id`, e.g. `▁Hello` or `<0x0A>`.
     fn token_str(&self, id: u32) -> Option<String>;

@@ -76,9 +76,13 @@ impl Default for ServerConfig {
 /// `2097152`, `2MiB`, `512KiB`, `1MB`.
 pub fn parse_size(text: &str) -> anyhow::Result<usize> {
     let t = text.trim().to_ascii_lowercase().replace([' ', '_'], "");
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().with_context(|| format!("`{text}` is not a size like 2MiB"))?;
+    let value: f64 = num
+        .parse()
+        .with_context(|| format!("`{text}` is not a size like 2MiB"))?;
     let scale = match unit {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -101,7 +105,8 @@ fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {
 
 /// API keys from a file: one per line, blank lines and `#` comments skipped.
 pub fn read_key_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading API keys from {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading API keys from {}", path.display()))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -116,7 +121,11 @@ impl ServerConfig {
         let d = ServerConfig::default();
         let mut app = d.app.clone();
 
-        app.api_keys = if cli.api_keys.is_empty() { file.api_keys } else { cli.api_keys };
+        app.api_keys = if cli.api_keys.is_empty() {
+            file.api_keys
+        } else {
+            cli.api_keys
+        };
         if let Some(path) = cli.api_key_file.or(file.api_key_file) {
             app.api_keys.extend(read_key_file(&path)?);
         }
@@ -178,8 +187,11 @@ mod tests {
 
     #[test]
     fn cli_beats_file_beats_default() {
-        let cli = Cli::try_parse_from(["llama-serve", "--port", "9000", "--request-timeout", "5"]).unwrap();
-        let file = FileConfig::from_toml("port = 7000\nhost = \"127.0.0.1\"\nmax_request_bytes = 1024").unwrap();
+        let cli = Cli::try_parse_from(["llama-serve", "--port", "9000", "--request-timeout", "5"])
+            .unwrap();
+        let file =
+            FileConfig::from_toml("port = 7000\nhost = \"127.0.0.1\"\nmax_request_bytes = 1024")
+                .unwrap();
         let c = ServerConfig::merge(cli, file, HubOptions::default()).unwrap();
         assert_eq!(c.port, 9000);
         assert_eq!(c.host, "127.0.0.1");
@@ -194,11 +206,16 @@ mod tests {
         let text = include_str!("../../../config/default.toml");
         let file = FileConfig::from_toml(text).unwrap();
         let from_file = ServerConfig::merge(Cli::default(), file, HubOptions::default()).unwrap();
-        let built_in = ServerConfig::merge(Cli::default(), FileConfig::default(), HubOptions::default()).unwrap();
+        let built_in =
+            ServerConfig::merge(Cli::default(), FileConfig::default(), HubOptions::default())
+                .unwrap();
         assert_eq!(from_file.host, built_in.host);
         assert_eq!(from_file.port, built_in.port);
         assert_eq!(from_file.model.device, built_in.model.device);
-        assert_eq!(from_file.app.max_request_bytes, built_in.app.max_request_bytes);
+        assert_eq!(
+            from_file.app.max_request_bytes,
+            built_in.app.max_request_bytes
+        );
         assert_eq!(from_file.app.request_timeout, built_in.app.request_timeout);
         assert_eq!(from_file.shutdown_timeout, built_in.shutdown_timeout);
         assert_eq!(from_file.log_format, built_in.log_format);

@@ -100,20 +100,36 @@ impl ApiError {
     /// The OpenAI error body, also used for SSE `error` events.
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code): (&str, Option<String>, Option<&str>) = match self {
-            ApiError::InvalidRequest { param, code, .. } => ("invalid_request_error", param.clone(), *code),
-            ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model".into()), Some("model_not_found")),
+            ApiError::InvalidRequest { param, code, .. } => {
+                ("invalid_request_error", param.clone(), *code)
+            }
+            ApiError::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model".into()),
+                Some("model_not_found"),
+            ),
             ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
             ApiError::Unauthorized => ("authentication_error", None, Some("invalid_api_key")),
-            ApiError::MethodNotAllowed { .. } => ("invalid_request_error", None, Some("method_not_allowed")),
-            ApiError::PayloadTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
-            ApiError::UnsupportedMediaType => ("invalid_request_error", None, Some("unsupported_media_type")),
+            ApiError::MethodNotAllowed { .. } => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                ("invalid_request_error", None, Some("request_too_large"))
+            }
+            ApiError::UnsupportedMediaType => (
+                "invalid_request_error",
+                None,
+                Some("unsupported_media_type"),
+            ),
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("server_overloaded")),
             ApiError::Unavailable(_) => ("server_error", None, Some("service_unavailable")),
             ApiError::Timeout => ("server_error", None, Some("timeout")),
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
         };
         let message = match self {
-            ApiError::Internal(_) => "the server had an error while processing your request".to_string(),
+            ApiError::Internal(_) => {
+                "the server had an error while processing your request".to_string()
+            }
             other => other.to_string(),
         };
         ErrorBody {
@@ -167,13 +183,20 @@ impl From<EngineError> for ApiError {
         match err {
             EngineError::Model(detail) => ApiError::Internal(format!("model failure: {detail}")),
             EngineError::Timeout => ApiError::Timeout,
-            EngineError::Shutdown => ApiError::Unavailable("the server shut down before this request finished".into()),
+            EngineError::Shutdown => {
+                ApiError::Unavailable("the server shut down before this request finished".into())
+            }
         }
     }
 }
 
 /// The context-length error when the prompt alone leaves no room to generate.
-pub fn context_length_exceeded(max_context: usize, prompt: usize, max_tokens: usize, param: &str) -> ApiError {
+pub fn context_length_exceeded(
+    max_context: usize,
+    prompt: usize,
+    max_tokens: usize,
+    param: &str,
+) -> ApiError {
     ApiError::InvalidRequest {
         message: format!(
             "this model's maximum context length is {max_context} tokens, but you requested {} tokens ({prompt} in the prompt, {max_tokens} for the completion); shorten the prompt or lower max_tokens",
@@ -215,6 +238,9 @@ mod tests {
         let e = ApiError::ModelNotFound("gpt-4".into());
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
         assert_eq!(e.body().error.code.as_deref(), Some("model_not_found"));
-        assert_eq!(ApiError::Unauthorized.body().error.kind, "authentication_error");
+        assert_eq!(
+            ApiError::Unauthorized.body().error.kind,
+            "authentication_error"
+        );
     }
 }

@@ -86,7 +86,10 @@ pub fn submit(
 fn renumber(event: StreamEvent, offset: usize) -> ChoiceEvent {
     match event {
         StreamEvent::Token {
-            index, text, logprobs, ..
+            index,
+            text,
+            logprobs,
+            ..
         } => ChoiceEvent::Token {
             index: offset + index,
             text,
@@ -116,15 +119,22 @@ pub struct CollectedChoice {
 }
 
 /// Folds the event stream into whole choices: the same events a stream sends.
-pub async fn collect(mut events: ChoiceStream, num_choices: usize) -> Result<Vec<CollectedChoice>, ApiError> {
+pub async fn collect(
+    mut events: ChoiceStream,
+    num_choices: usize,
+) -> Result<Vec<CollectedChoice>, ApiError> {
     let mut choices = vec![CollectedChoice::default(); num_choices];
     let mut char_lens = vec![0usize; num_choices];
     while let Some(event) = events.next().await {
         match event? {
-            ChoiceEvent::Token { index, text, logprobs } => {
-                let choice = choices
-                    .get_mut(index)
-                    .ok_or_else(|| ApiError::internal(format!("engine sent choice {index} of {num_choices}")))?;
+            ChoiceEvent::Token {
+                index,
+                text,
+                logprobs,
+            } => {
+                let choice = choices.get_mut(index).ok_or_else(|| {
+                    ApiError::internal(format!("engine sent choice {index} of {num_choices}"))
+                })?;
                 if let Some(lp) = logprobs {
                     choice.logprobs.push(lp);
                     choice.text_offsets.push(char_lens[index]);
@@ -137,16 +147,18 @@ pub async fn collect(mut events: ChoiceStream, num_choices: usize) -> Result<Vec
                 finish_reason,
                 completion_tokens,
             } => {
-                let choice = choices
-                    .get_mut(index)
-                    .ok_or_else(|| ApiError::internal(format!("engine sent choice {index} of {num_choices}")))?;
+                let choice = choices.get_mut(index).ok_or_else(|| {
+                    ApiError::internal(format!("engine sent choice {index} of {num_choices}"))
+                })?;
                 choice.finish_reason = Some(finish_reason);
                 choice.completion_tokens = completion_tokens;
             }
         }
     }
     if choices.iter().any(|c| c.finish_reason.is_none()) {
-        return Err(ApiError::internal("the engine ended a request before every choice finished"));
+        return Err(ApiError::internal(
+            "the engine ended a request before every choice finished",
+        ));
     }
     Ok(choices)
 }

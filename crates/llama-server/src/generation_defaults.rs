@@ -47,6 +47,9 @@ mod tests {
         assert_eq!(d.temperature, Some(0.6));
         assert_eq!(d.top_p, Some(0.9));
         assert_eq!(d.top_k, None);
-        assert_eq!(GenerationDefaults::from_model_dir(Path::new("/nonexistent")).unwrap(), GenerationDefaults::default());
+        assert_eq!(
+            GenerationDefaults::from_model_dir(Path::new("/nonexistent")).unwrap(),
+            GenerationDefaults::default()
+        );
     }
 }

@@ -30,7 +30,10 @@ where
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit }
             } else {
-                ApiError::invalid(format!("could not read the request body: {}", rejection.body_text()), None)
+                ApiError::invalid(
+                    format!("could not read the request body: {}", rejection.body_text()),
+                    None,
+                )
             }
         })?;
         parse(&bytes).map(ApiJson)
@@ -45,7 +48,12 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
     let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -113,7 +121,11 @@ mod tests {
         let err = parse::<Req>(br#"{"model": "m""#).unwrap_err();
         assert!(err.body().error.message.contains("not valid JSON"));
         let err = parse::<Req>(br#"{"model": "m"}"#).unwrap_err();
-        assert!(err.body().error.message.contains("messages"), "{}", err.body().error.message);
+        assert!(
+            err.body().error.message.contains("messages"),
+            "{}",
+            err.body().error.message
+        );
         let err = parse::<Req>(br#"{"model": "m", "messages": []} x"#).unwrap_err();
         assert!(err.body().error.message.contains("not valid JSON"));
     }

@@ -69,7 +69,10 @@ pub fn app(state: AppState) -> Router {
     let cors = cors_layer(&state.options.cors_allow_origins);
     routes::router(state).layer(
         ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER.clone(), MakeRequestUuid))
+            .layer(SetRequestIdLayer::new(
+                REQUEST_ID_HEADER.clone(),
+                MakeRequestUuid,
+            ))
             .layer(
                 // Method, path and request id only: prompts and outputs never reach the logs.
                 TraceLayer::new_for_http()

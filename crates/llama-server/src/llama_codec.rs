@@ -12,7 +12,10 @@ pub struct LlamaCodec {
 
 impl LlamaCodec {
     pub fn new(tokenizer: Tokenizer, template: ChatTemplate) -> Self {
-        Self { tokenizer, template }
+        Self {
+            tokenizer,
+            template,
+        }
     }
 
     /// Tokenizer and chat template of a model directory.
@@ -29,21 +32,31 @@ impl LlamaCodec {
 
 fn tokenizer_error(err: TokenizerError) -> CodecError {
     match err {
-        TokenizerError::Encode(message) | TokenizerError::Decode(message) => CodecError::InvalidInput(message),
+        TokenizerError::Encode(message) | TokenizerError::Decode(message) => {
+            CodecError::InvalidInput(message)
+        }
         other => CodecError::Internal(other.to_string()),
     }
 }
 
 impl Codec for LlamaCodec {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError> {
-        self.tokenizer.encode(text, add_special_tokens).map_err(tokenizer_error)
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(tokenizer_error)
     }
 
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, CodecError> {
-        self.tokenizer.decode(ids, skip_special_tokens).map_err(tokenizer_error)
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(tokenizer_error)
     }
 
-    fn render_chat(&self, turns: &[ChatTurn], default_system_prompt: Option<&str>) -> Result<Vec<u32>, CodecError> {
+    fn render_chat(
+        &self,
+        turns: &[ChatTurn],
+        default_system_prompt: Option<&str>,
+    ) -> Result<Vec<u32>, CodecError> {
         let messages: Vec<ChatMessage> = turns
             .iter()
             .map(|t| {

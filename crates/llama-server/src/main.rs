@@ -11,24 +11,33 @@ use tracing_subscriber::EnvFilter;
 
 fn hub_options_from_env() -> HubOptions {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let home = var("HF_HOME").map(PathBuf::from).or_else(|| {
-        var("XDG_CACHE_HOME")
-            .map(|c| PathBuf::from(c).join("huggingface"))
-    });
+    let home = var("HF_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("huggingface")));
     HubOptions {
-        cache_dir: var("HF_HUB_CACHE").map(PathBuf::from).or_else(|| home.map(|h| h.join("hub"))),
+        cache_dir: var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| home.map(|h| h.join("hub"))),
         token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
-        offline: var("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+        offline: var("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        }),
         endpoint: var("HF_ENDPOINT"),
     }
 }
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -36,7 +45,8 @@ fn load_config() -> anyhow::Result<ServerConfig> {
     let cli = Cli::parse();
     let file = match &cli.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             FileConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
         }
         None => FileConfig::default(),

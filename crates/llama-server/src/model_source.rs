@@ -14,7 +14,10 @@ pub enum ModelSource {
     /// A directory with config.json, tokenizer.json and safetensors weights.
     Dir(PathBuf),
     /// Random weights of a named shape; text goes through the bundled tokenizer.
-    Random { shape: String, tokenizer_dir: PathBuf },
+    Random {
+        shape: String,
+        tokenizer_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,11 +46,18 @@ fn looks_like_repo_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !p.starts_with('.')
         })
 }
 
-pub async fn resolve(spec: Option<&str>, revision: Option<&str>, hub: &HubOptions) -> anyhow::Result<ResolvedModel> {
+pub async fn resolve(
+    spec: Option<&str>,
+    revision: Option<&str>,
+    hub: &HubOptions,
+) -> anyhow::Result<ResolvedModel> {
     let Some(spec) = spec.map(str::trim).filter(|s| !s.is_empty()) else {
         let dir = bundled_model_dir().context(
             "no --model given and the bundled model (models/tiny-llama) was not found; pass --model DIR or a Hugging Face repo id",
@@ -59,7 +69,8 @@ pub async fn resolve(spec: Option<&str>, revision: Option<&str>, hub: &HubOption
         });
     };
     if let Some(shape) = spec.strip_prefix("random:") {
-        let tokenizer_dir = bundled_model_dir().context("random weights need the bundled tokenizer (models/tiny-llama)")?;
+        let tokenizer_dir = bundled_model_dir()
+            .context("random weights need the bundled tokenizer (models/tiny-llama)")?;
         return Ok(ResolvedModel {
             source: ModelSource::Random {
                 shape: shape.to_string(),
@@ -79,7 +90,11 @@ pub async fn resolve(spec: Option<&str>, revision: Option<&str>, hub: &HubOption
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| spec.to_string());
-        let aliases = if name == spec { Vec::new() } else { vec![spec.to_string()] };
+        let aliases = if name == spec {
+            Vec::new()
+        } else {
+            vec![spec.to_string()]
+        };
         return Ok(ResolvedModel {
             source: ModelSource::Dir(path.to_path_buf()),
             name,
@@ -98,7 +113,11 @@ pub async fn resolve(spec: Option<&str>, revision: Option<&str>, hub: &HubOption
 }
 
 const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
-const OPTIONAL: &[&str] = &["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"];
+const OPTIONAL: &[&str] = &[
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 
@@ -116,7 +135,10 @@ fn shard_names(index_path: &Path) -> anyhow::Result<Vec<String>> {
         .get("weight_map")
         .and_then(|m| m.as_object())
         .with_context(|| format!("{} has no weight_map", index_path.display()))?;
-    let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
     names.sort();
     names.dedup();
     Ok(names)
@@ -124,7 +146,11 @@ fn shard_names(index_path: &Path) -> anyhow::Result<Vec<String>> {
 
 /// Downloads (or, offline, looks up) the files a Llama checkpoint needs and
 /// returns the snapshot directory holding them.
-async fn fetch_from_hub(id: &str, revision: Option<&str>, hub: &HubOptions) -> anyhow::Result<PathBuf> {
+async fn fetch_from_hub(
+    id: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+) -> anyhow::Result<PathBuf> {
     let cache = match &hub.cache_dir {
         Some(dir) => Cache::new(dir.clone()),
         None => Cache::default(),
@@ -134,7 +160,10 @@ async fn fetch_from_hub(id: &str, revision: Option<&str>, hub: &HubOptions) -> a
         let get = |file: &str| cached.get(file);
         for file in REQUIRED {
             if get(file).is_none() {
-                bail!("HF_HUB_OFFLINE is set and {id}/{file} is not in the cache at {}", cache.path().display());
+                bail!(
+                    "HF_HUB_OFFLINE is set and {id}/{file} is not in the cache at {}",
+                    cache.path().display()
+                );
             }
         }
         let weights = match get(INDEX) {
@@ -157,9 +186,14 @@ async fn fetch_from_hub(id: &str, revision: Option<&str>, hub: &HubOptions) -> a
     if let Some(endpoint) = &hub.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
-    let api = builder.build().context("building the Hugging Face client")?;
+    let api = builder
+        .build()
+        .context("building the Hugging Face client")?;
     let remote = api.repo(repo(id, revision));
-    tracing::info!(repo = id, "fetching model files from the Hugging Face Hub (cached files are reused)");
+    tracing::info!(
+        repo = id,
+        "fetching model files from the Hugging Face Hub (cached files are reused)"
+    );
     let mut config = None;
     for file in REQUIRED {
         let path = remote.get(file).await.with_context(|| {
@@ -177,14 +211,16 @@ async fn fetch_from_hub(id: &str, revision: Option<&str>, hub: &HubOptions) -> a
     match remote.get(INDEX).await {
         Ok(index) => {
             for shard in shard_names(&index)? {
-                remote.get(&shard).await.with_context(|| format!("downloading {id}/{shard}"))?;
+                remote
+                    .get(&shard)
+                    .await
+                    .with_context(|| format!("downloading {id}/{shard}"))?;
             }
         }
         Err(_) => {
-            remote
-                .get(SINGLE)
-                .await
-                .with_context(|| format!("downloading {id}/{SINGLE} (only safetensors weights are supported)"))?;
+            remote.get(SINGLE).await.with_context(|| {
+                format!("downloading {id}/{SINGLE} (only safetensors weights are supported)")
+            })?;
         }
     }
     let config = config.context("config.json was not downloaded")?;
@@ -200,7 +236,9 @@ mod tests {
         let hub = HubOptions::default();
         let bundled = resolve(None, None, &hub).await.unwrap();
         assert_eq!(bundled.name, "tiny-llama");
-        assert!(matches!(bundled.source, ModelSource::Dir(ref d) if d.join("tokenizer.json").is_file()));
+        assert!(
+            matches!(bundled.source, ModelSource::Dir(ref d) if d.join("tokenizer.json").is_file())
+        );
 
         let random = resolve(Some("random:7b"), None, &hub).await.unwrap();
         assert_eq!(random.name, "random-7b");
@@ -211,13 +249,16 @@ mod tests {
 
     #[tokio::test]
     async fn offline_without_cache_is_a_clear_error() {
-        let dir = std::env::temp_dir().join(format!("llama-serve-empty-cache-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("llama-serve-empty-cache-{}", std::process::id()));
         let hub = HubOptions {
             cache_dir: Some(dir),
             offline: true,
             ..Default::default()
         };
-        let err = resolve(Some("meta-llama/Llama-2-7b-chat-hf"), None, &hub).await.unwrap_err();
+        let err = resolve(Some("meta-llama/Llama-2-7b-chat-hf"), None, &hub)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
     }
 

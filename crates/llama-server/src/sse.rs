@@ -40,7 +40,9 @@ pub fn error_event(err: &ApiError) -> Event {
     } else {
         tracing::warn!(error = %err, "stream failed");
     }
-    Event::default().event("error").data(serde_json::to_string(&err.body()).unwrap_or_default())
+    Event::default()
+        .event("error")
+        .data(serde_json::to_string(&err.body()).unwrap_or_default())
 }
 
 struct SseStream<F> {
@@ -85,7 +87,11 @@ impl<F: ChunkFormatter> Stream for SseStream<F> {
     }
 }
 
-pub fn stream_response<F: ChunkFormatter>(events: ChoiceStream, formatter: F, keep_alive: Duration) -> Response {
+pub fn stream_response<F: ChunkFormatter>(
+    events: ChoiceStream,
+    formatter: F,
+    keep_alive: Duration,
+) -> Response {
     let stream = SseStream {
         events: Some(events),
         formatter,
@@ -96,8 +102,9 @@ pub fn stream_response<F: ChunkFormatter>(events: ChoiceStream, formatter: F, ke
         .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
         .into_response();
     // Proxies such as nginx buffer responses unless told not to, which would hold back every token.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", axum::http::HeaderValue::from_static("no"));
+    response.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
     response
 }

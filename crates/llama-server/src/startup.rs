@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use llama_engine::{start_engine, EngineConfig};
-use llama_model::{resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
+use llama_model::{
+    resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
+};
 
 use crate::config::ServerConfig;
 use crate::generation_defaults::GenerationDefaults;
@@ -71,12 +73,21 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         let started = std::time::Instant::now();
         let (model, text_dir, defaults) = match &source {
             ModelSource::Dir(dir) => (
-                LlamaModel::load(dir, &device, model_options).with_context(|| format!("loading {}", dir.display()))?,
+                LlamaModel::load(dir, &device, model_options)
+                    .with_context(|| format!("loading {}", dir.display()))?,
                 dir.clone(),
                 GenerationDefaults::from_model_dir(dir)?,
             ),
-            ModelSource::Random { shape, tokenizer_dir } => (
-                LlamaModel::random(resolve_shape(shape)?, RANDOM_WEIGHTS_SEED, &device, model_options)?,
+            ModelSource::Random {
+                shape,
+                tokenizer_dir,
+            } => (
+                LlamaModel::random(
+                    resolve_shape(shape)?,
+                    RANDOM_WEIGHTS_SEED,
+                    &device,
+                    model_options,
+                )?,
                 tokenizer_dir.clone(),
                 GenerationDefaults::default(),
             ),
@@ -95,10 +106,21 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
     .await??;
 
     options.generation_defaults = defaults;
-    let mut served = ServedModel::new(config.model.served_model_name.clone().unwrap_or(resolved.name.clone()));
+    let mut served = ServedModel::new(
+        config
+            .model
+            .served_model_name
+            .clone()
+            .unwrap_or(resolved.name.clone()),
+    );
     if config.model.served_model_name.is_some() {
         served.aliases.push(resolved.name);
     }
     served.aliases.extend(resolved.aliases);
-    Ok(AppState::new(Arc::new(handle), Arc::new(codec), served, options))
+    Ok(AppState::new(
+        Arc::new(handle),
+        Arc::new(codec),
+        served,
+        options,
+    ))
 }

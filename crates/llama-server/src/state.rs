@@ -33,7 +33,9 @@ impl ServedModel {
     }
 
     pub fn names(&self) -> Vec<String> {
-        std::iter::once(self.id.clone()).chain(self.aliases.iter().cloned()).collect()
+        std::iter::once(self.id.clone())
+            .chain(self.aliases.iter().cloned())
+            .collect()
     }
 }
 
@@ -93,7 +95,12 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(backend: Arc<dyn Backend>, codec: Arc<dyn Codec>, model: ServedModel, options: AppOptions) -> Self {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        codec: Arc<dyn Codec>,
+        model: ServedModel,
+        options: AppOptions,
+    ) -> Self {
         let api_keys = ApiKeys::new(options.api_keys.iter().cloned());
         Self(Arc::new(AppInner {
             backend,

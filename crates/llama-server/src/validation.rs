@@ -67,14 +67,20 @@ fn finite(value: f64, param: &str) -> Result<f64, ApiError> {
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(ApiError::param(param, format!("`{param}` must be a finite number")))
+        Err(ApiError::param(
+            param,
+            format!("`{param}` must be a finite number"),
+        ))
     }
 }
 
 fn in_range(value: f64, param: &str, lo: f64, hi: f64) -> Result<f32, ApiError> {
     let v = finite(value, param)?;
     if v < lo || v > hi {
-        return Err(ApiError::param(param, format!("`{param}` must be between {lo} and {hi}, got {v}")));
+        return Err(ApiError::param(
+            param,
+            format!("`{param}` must be between {lo} and {hi}, got {v}"),
+        ));
     }
     Ok(v as f32)
 }
@@ -94,7 +100,10 @@ pub fn validate_sampling(
         Some(p) => {
             let p = finite(p, "top_p")?;
             if p <= 0.0 || p > 1.0 {
-                return Err(ApiError::param("top_p", format!("`top_p` must be in (0, 1], got {p}")));
+                return Err(ApiError::param(
+                    "top_p",
+                    format!("`top_p` must be in (0, 1], got {p}"),
+                ));
             }
             p as f32
         }
@@ -104,7 +113,12 @@ pub fn validate_sampling(
         // vLLM spells "off" as -1; 0 means the same here.
         Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(k) => return Err(ApiError::param("top_k", format!("`top_k` must be -1 (off) or at least 1, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::param(
+                "top_k",
+                format!("`top_k` must be -1 (off) or at least 1, got {k}"),
+            ))
+        }
         None => defaults.top_k.unwrap_or(0),
     };
     let min_p = match fields.min_p {
@@ -136,13 +150,19 @@ pub fn validate_sampling(
         None => 1,
         Some(n) if n >= 1 && n as u64 <= limits.max_n as u64 => n as usize,
         Some(n) => {
-            return Err(ApiError::param("n", format!("`n` must be between 1 and {}, got {n}", limits.max_n)));
+            return Err(ApiError::param(
+                "n",
+                format!("`n` must be between 1 and {}, got {n}", limits.max_n),
+            ));
         }
     };
     let max_tokens = match fields.max_tokens {
         None => None,
         Some((m, param)) if m < 1 => {
-            return Err(ApiError::param(param, format!("`{param}` must be at least 1, got {m}")));
+            return Err(ApiError::param(
+                param,
+                format!("`{param}` must be at least 1, got {m}"),
+            ));
         }
         Some((m, _)) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
     };
@@ -172,23 +192,30 @@ pub fn validate_sampling(
     };
     let stop_token_ids = match fields.stop_token_ids {
         None => Vec::new(),
-        Some(ids) => ids
-            .iter()
-            .map(|&id| {
-                u32::try_from(id).ok().filter(|&id| (id as usize) < vocab_size).ok_or_else(|| {
-                    ApiError::param(
+        Some(ids) => {
+            ids.iter()
+                .map(|&id| {
+                    u32::try_from(id)
+                        .ok()
+                        .filter(|&id| (id as usize) < vocab_size)
+                        .ok_or_else(|| {
+                            ApiError::param(
                         "stop_token_ids",
                         format!("stop token id {id} is not below the vocabulary size {vocab_size}"),
                     )
+                        })
                 })
-            })
-            .collect::<Result<_, _>>()?,
+                .collect::<Result<_, _>>()?
+        }
     };
     if let Some(k) = fields.logprobs {
         if k > limits.max_logprobs {
             return Err(ApiError::param(
                 "top_logprobs",
-                format!("at most {} alternatives per token can be returned, got {k}", limits.max_logprobs),
+                format!(
+                    "at most {} alternatives per token can be returned, got {k}",
+                    limits.max_logprobs
+                ),
             ));
         }
     }
@@ -226,15 +253,26 @@ fn parse_stop(stop: Option<&Value>, max_stop: usize) -> Result<Vec<String>, ApiE
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
-                _ => Err(ApiError::param("stop", "`stop` must be a string or an array of strings")),
+                _ => Err(ApiError::param(
+                    "stop",
+                    "`stop` must be a string or an array of strings",
+                )),
             })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::param("stop", "`stop` must be a string or an array of strings")),
+        Some(_) => {
+            return Err(ApiError::param(
+                "stop",
+                "`stop` must be a string or an array of strings",
+            ))
+        }
     };
     if strings.len() > max_stop {
         return Err(ApiError::param(
             "stop",
-            format!("at most {max_stop} stop sequences are allowed, got {}", strings.len()),
+            format!(
+                "at most {max_stop} stop sequences are allowed, got {}",
+                strings.len()
+            ),
         ));
     }
     if strings.iter().any(String::is_empty) {
@@ -254,13 +292,23 @@ pub fn resolve_max_tokens(
     match requested {
         Some(m) => {
             if prompt_len.saturating_add(m) > max_context {
-                return Err(context_length_exceeded(max_context, prompt_len, m, "max_tokens"));
+                return Err(context_length_exceeded(
+                    max_context,
+                    prompt_len,
+                    m,
+                    "max_tokens",
+                ));
             }
             Ok(m)
         }
         None => {
             if prompt_len >= max_context {
-                return Err(context_length_exceeded(max_context, prompt_len, 1, prompt_param));
+                return Err(context_length_exceeded(
+                    max_context,
+                    prompt_len,
+                    1,
+                    prompt_param,
+                ));
             }
             let room = max_context - prompt_len;
             Ok(default.map_or(room, |d| d.min(room)))
@@ -283,7 +331,12 @@ mod tests {
     use serde_json::json;
 
     fn check(fields: SamplingFields<'_>) -> Result<GenerationParams, ApiError> {
-        validate_sampling(&fields, &GenerationDefaults::default(), &ApiLimits::default(), 32000)
+        validate_sampling(
+            &fields,
+            &GenerationDefaults::default(),
+            &ApiLimits::default(),
+            32000,
+        )
     }
 
     fn param_of(err: ApiError) -> String {
@@ -297,7 +350,13 @@ mod tests {
             top_p: Some(0.9),
             ..Default::default()
         };
-        let p = validate_sampling(&SamplingFields::default(), &defaults, &ApiLimits::default(), 32000).unwrap();
+        let p = validate_sampling(
+            &SamplingFields::default(),
+            &defaults,
+            &ApiLimits::default(),
+            32000,
+        )
+        .unwrap();
         assert_eq!(p.sampling.temperature, 0.6);
         assert_eq!(p.sampling.top_p, 0.9);
         assert_eq!(p.n, 1);
@@ -397,14 +456,19 @@ mod tests {
 
     #[test]
     fn logit_bias_and_stop() {
-        let good: HashMap<String, f64> = [("15".to_string(), -100.0), ("2".to_string(), 5.0)].into();
+        let good: HashMap<String, f64> =
+            [("15".to_string(), -100.0), ("2".to_string(), 5.0)].into();
         let p = check(SamplingFields {
             logit_bias: Some(&good),
             ..Default::default()
         })
         .unwrap();
         assert_eq!(p.sampling.logit_bias, vec![(2, 5.0), (15, -100.0)]);
-        for bad in [[("abc".to_string(), 1.0)], [("32000".to_string(), 1.0)], [("5".to_string(), 101.0)]] {
+        for bad in [
+            [("abc".to_string(), 1.0)],
+            [("32000".to_string(), 1.0)],
+            [("5".to_string(), 101.0)],
+        ] {
             let map: HashMap<String, f64> = bad.into();
             let err = check(SamplingFields {
                 logit_bias: Some(&map),
@@ -433,13 +497,26 @@ mod tests {
 
     #[test]
     fn max_tokens_defaults_to_the_rest_of_the_context() {
-        assert_eq!(resolve_max_tokens(None, None, 100, 512, "prompt").unwrap(), 412);
-        assert_eq!(resolve_max_tokens(None, Some(16), 100, 512, "prompt").unwrap(), 16);
-        assert_eq!(resolve_max_tokens(Some(12), None, 100, 512, "prompt").unwrap(), 12);
+        assert_eq!(
+            resolve_max_tokens(None, None, 100, 512, "prompt").unwrap(),
+            412
+        );
+        assert_eq!(
+            resolve_max_tokens(None, Some(16), 100, 512, "prompt").unwrap(),
+            16
+        );
+        assert_eq!(
+            resolve_max_tokens(Some(12), None, 100, 512, "prompt").unwrap(),
+            12
+        );
         let err = resolve_max_tokens(Some(500), None, 100, 512, "prompt").unwrap_err();
         let body = err.body().error;
         assert_eq!(body.code.as_deref(), Some("context_length_exceeded"));
-        assert!(body.message.contains("512") && body.message.contains("600"), "{}", body.message);
+        assert!(
+            body.message.contains("512") && body.message.contains("600"),
+            "{}",
+            body.message
+        );
         let err = resolve_max_tokens(None, None, 600, 512, "messages").unwrap_err();
         assert_eq!(err.body().error.param.as_deref(), Some("messages"));
     }

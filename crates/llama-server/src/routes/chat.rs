@@ -11,8 +11,9 @@ use crate::error::ApiError;
 use crate::generate::{self, ChoiceEvent, PromptJob};
 use crate::json::ApiJson;
 use crate::openai::chat::{
-    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta,
-    ChatLogprobs, ChatMessageIn, ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, MessageContent,
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, ChatTokenLogprob, ChatTopLogprob,
+    MessageContent,
 };
 use crate::openai::common::new_id;
 use crate::openai::{unix_now, UsageInfo};
@@ -32,10 +33,18 @@ pub async fn chat_completions(
     let turns = to_turns(&req.messages)?;
 
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-        (_, Some(k)) if k < 0 => return Err(ApiError::param("top_logprobs", "`top_logprobs` must be at least 0")),
+        (_, Some(k)) if k < 0 => {
+            return Err(ApiError::param(
+                "top_logprobs",
+                "`top_logprobs` must be at least 0",
+            ))
+        }
         (true, k) => Some(k.unwrap_or(0) as usize),
         (false, Some(k)) if k > 0 => {
-            return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs: true`"));
+            return Err(ApiError::param(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs: true`",
+            ));
         }
         (false, _) => None,
     };
@@ -70,9 +79,19 @@ pub async fn chat_completions(
 
     let system = state.options.default_system_prompt.clone();
     let prompt = state
-        .blocking(move |codec| codec.render_chat(&turns, system.as_deref()).map_err(|e| codec_error(e, "messages")))
+        .blocking(move |codec| {
+            codec
+                .render_chat(&turns, system.as_deref())
+                .map_err(|e| codec_error(e, "messages"))
+        })
         .await?;
-    let max_tokens = resolve_max_tokens(params.max_tokens, None, prompt.len(), state.backend.max_context(), "messages")?;
+    let max_tokens = resolve_max_tokens(
+        params.max_tokens,
+        None,
+        prompt.len(),
+        state.backend.max_context(),
+        "messages",
+    )?;
     let submitted = generate::submit(
         &state,
         vec![PromptJob {
@@ -92,12 +111,20 @@ pub async fn chat_completions(
             model: state.model.id.clone(),
             fingerprint: state.system_fingerprint.clone(),
             num_choices: submitted.num_choices,
-            include_usage: req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            include_usage: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
             prompt_tokens: submitted.prompt_tokens,
             completion_tokens: 0,
             logprobs: logprobs.is_some(),
         };
-        return Ok(sse::stream_response(submitted.events, formatter, state.options.keep_alive));
+        return Ok(sse::stream_response(
+            submitted.events,
+            formatter,
+            state.options.keep_alive,
+        ));
     }
 
     let choices = generate::collect(submitted.events, submitted.num_choices).await?;
@@ -142,17 +169,25 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
     if is_set(&req.tools) && !is_empty_array(&req.tools) {
         return Err(ApiError::unsupported("tools", no_tools));
     }
-    if is_set(&req.tool_choice) && !matches!(req.tool_choice.as_ref(), Some(Value::String(s)) if s == "none" || s == "auto") {
+    if is_set(&req.tool_choice)
+        && !matches!(req.tool_choice.as_ref(), Some(Value::String(s)) if s == "none" || s == "auto")
+    {
         return Err(ApiError::unsupported("tool_choice", no_tools));
     }
     if is_set(&req.functions) && !is_empty_array(&req.functions) {
         return Err(ApiError::unsupported("functions", no_tools));
     }
-    if is_set(&req.function_call) && !matches!(req.function_call.as_ref(), Some(Value::String(s)) if s == "none" || s == "auto") {
+    if is_set(&req.function_call)
+        && !matches!(req.function_call.as_ref(), Some(Value::String(s)) if s == "none" || s == "auto")
+    {
         return Err(ApiError::unsupported("function_call", no_tools));
     }
     if is_set(&req.response_format) {
-        let kind = req.response_format.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str);
+        let kind = req
+            .response_format
+            .as_ref()
+            .and_then(|v| v.get("type"))
+            .and_then(Value::as_str);
         if kind != Some("text") {
             return Err(ApiError::unsupported(
                 "response_format",
@@ -161,22 +196,37 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
         }
     }
     if is_set(&req.audio) {
-        return Err(ApiError::unsupported("audio", "this model produces text only"));
+        return Err(ApiError::unsupported(
+            "audio",
+            "this model produces text only",
+        ));
     }
     if is_set(&req.modalities) {
         let text_only = matches!(req.modalities.as_ref(), Some(Value::Array(m)) if m.iter().all(|v| v == "text"));
         if !text_only {
-            return Err(ApiError::unsupported("modalities", "this model produces text only"));
+            return Err(ApiError::unsupported(
+                "modalities",
+                "this model produces text only",
+            ));
         }
     }
     if is_set(&req.prediction) {
-        return Err(ApiError::unsupported("prediction", "predicted outputs are not implemented"));
+        return Err(ApiError::unsupported(
+            "prediction",
+            "predicted outputs are not implemented",
+        ));
     }
     if is_set(&req.web_search_options) {
-        return Err(ApiError::unsupported("web_search_options", "this server has no web search"));
+        return Err(ApiError::unsupported(
+            "web_search_options",
+            "this server has no web search",
+        ));
     }
     if is_set(&req.reasoning_effort) {
-        return Err(ApiError::unsupported("reasoning_effort", "this model is not a reasoning model"));
+        return Err(ApiError::unsupported(
+            "reasoning_effort",
+            "this model is not a reasoning model",
+        ));
     }
     Ok(())
 }
@@ -184,7 +234,10 @@ fn refuse_unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
 /// OpenAI messages → template turns; the template itself checks role order.
 pub fn to_turns(messages: &[ChatMessageIn]) -> Result<Vec<ChatTurn>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::param("messages", "`messages` must contain at least one message"));
+        return Err(ApiError::param(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
     }
     messages
         .iter()
@@ -279,7 +332,11 @@ struct ChatFormatter {
 }
 
 impl ChatFormatter {
-    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<UsageInfo>) -> ChatCompletionChunk {
+    fn chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<UsageInfo>,
+    ) -> ChatCompletionChunk {
         ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk".into(),
@@ -314,7 +371,11 @@ impl ChunkFormatter for ChatFormatter {
 
     fn event(&mut self, event: ChoiceEvent) -> Vec<axum::response::sse::Event> {
         match event {
-            ChoiceEvent::Token { index, text, logprobs } => {
+            ChoiceEvent::Token {
+                index,
+                text,
+                logprobs,
+            } => {
                 let logprobs = logprobs.filter(|_| self.logprobs);
                 if text.is_empty() && logprobs.is_none() {
                     return Vec::new();
@@ -405,7 +466,10 @@ mod tests {
             }]),
         )])
         .unwrap_err();
-        assert_eq!(err.body().error.param.as_deref(), Some("messages[0].content[0].type"));
+        assert_eq!(
+            err.body().error.param.as_deref(),
+            Some("messages[0].content[0].type")
+        );
         let err = to_turns(&[msg("tool", MessageContent::Text("x".into()))]).unwrap_err();
         assert_eq!(err.body().error.param.as_deref(), Some("messages[0].role"));
         assert!(to_turns(&[]).is_err());

@@ -13,7 +13,9 @@ use crate::error::ApiError;
 use crate::generate::{self, ChoiceEvent, PromptJob};
 use crate::json::ApiJson;
 use crate::openai::common::new_id;
-use crate::openai::completions::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest};
+use crate::openai::completions::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
+};
 use crate::openai::{unix_now, UsageInfo};
 use crate::request_id::RequestId;
 use crate::routes::codec_error;
@@ -37,14 +39,22 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     check_model(req.model.as_deref(), &state.model_names)?;
     if req.echo.unwrap_or(false) {
-        return Err(ApiError::unsupported("echo", "echoing the prompt is not implemented"));
+        return Err(ApiError::unsupported(
+            "echo",
+            "echoing the prompt is not implemented",
+        ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::unsupported("suffix", "Llama 2 has no fill-in-the-middle mode"));
+        return Err(ApiError::unsupported(
+            "suffix",
+            "Llama 2 has no fill-in-the-middle mode",
+        ));
     }
     let inputs = parse_prompt(&req.prompt, state.options.limits.max_prompts)?;
     let logprobs = match req.logprobs {
-        Some(k) if k < 0 => return Err(ApiError::param("logprobs", "`logprobs` must be at least 0")),
+        Some(k) if k < 0 => {
+            return Err(ApiError::param("logprobs", "`logprobs` must be at least 0"))
+        }
         Some(k) => Some(k as usize),
         None => None,
     };
@@ -78,7 +88,10 @@ pub async fn completions(
             return Err(ApiError::param("best_of", "`best_of` must be at least `n`"));
         }
         if best_of > params.n as i64 {
-            return Err(ApiError::unsupported("best_of", "server-side best-of sampling is not implemented"));
+            return Err(ApiError::unsupported(
+                "best_of",
+                "server-side best-of sampling is not implemented",
+            ));
         }
     }
 
@@ -87,7 +100,9 @@ pub async fn completions(
             inputs
                 .into_iter()
                 .map(|input| match input {
-                    PromptInput::Text(text) => codec.encode(&text, true).map_err(|e| codec_error(e, "prompt")),
+                    PromptInput::Text(text) => codec
+                        .encode(&text, true)
+                        .map_err(|e| codec_error(e, "prompt")),
                     PromptInput::Ids(ids) => Ok(ids),
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -106,7 +121,13 @@ pub async fn completions(
                 format!("token id {bad} is not below the vocabulary size {vocab_size}"),
             ));
         }
-        let max_tokens = resolve_max_tokens(params.max_tokens, default_max, ids.len(), max_context, "prompt")?;
+        let max_tokens = resolve_max_tokens(
+            params.max_tokens,
+            default_max,
+            ids.len(),
+            max_context,
+            "prompt",
+        )?;
         jobs.push(PromptJob { ids, max_tokens });
     }
     let submitted = generate::submit(&state, jobs, &params, &request_id)?;
@@ -119,13 +140,21 @@ pub async fn completions(
             created,
             model: state.model.id.clone(),
             fingerprint: state.system_fingerprint.clone(),
-            include_usage: req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            include_usage: req
+                .stream_options
+                .as_ref()
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
             prompt_tokens: submitted.prompt_tokens,
             completion_tokens: 0,
             logprobs: logprobs.is_some(),
             char_offsets: vec![0; submitted.num_choices],
         };
-        return Ok(sse::stream_response(submitted.events, formatter, state.options.keep_alive));
+        return Ok(sse::stream_response(
+            submitted.events,
+            formatter,
+            state.options.keep_alive,
+        ));
     }
 
     let choices = generate::collect(submitted.events, submitted.num_choices).await?;
@@ -159,13 +188,15 @@ pub async fn completions(
 
 fn rename_param(err: ApiError, from: &str, to: &str) -> ApiError {
     match err {
-        ApiError::InvalidRequest { message, param, code } if param.as_deref() == Some(from) => {
-            ApiError::InvalidRequest {
-                message: message.replace(from, to),
-                param: Some(to.to_string()),
-                code,
-            }
-        }
+        ApiError::InvalidRequest {
+            message,
+            param,
+            code,
+        } if param.as_deref() == Some(from) => ApiError::InvalidRequest {
+            message: message.replace(from, to),
+            param: Some(to.to_string()),
+            code,
+        },
         other => other,
     }
 }
@@ -184,26 +215,38 @@ pub fn parse_prompt(prompt: &Value, max_prompts: usize) -> Result<Vec<PromptInpu
             .map(|v| {
                 v.as_u64()
                     .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| ApiError::param("prompt", format!("`{v}` is not a valid token id")))
+                    .ok_or_else(|| {
+                        ApiError::param("prompt", format!("`{v}` is not a valid token id"))
+                    })
             })
             .collect()
     };
     let inputs = match prompt {
         Value::String(s) => vec![PromptInput::Text(s.clone())],
         Value::Array(items) if items.is_empty() => {
-            return Err(ApiError::param("prompt", "`prompt` must not be an empty array"));
+            return Err(ApiError::param(
+                "prompt",
+                "`prompt` must not be an empty array",
+            ));
         }
         Value::Array(items) => match &items[0] {
             Value::String(_) => items
                 .iter()
-                .map(|v| v.as_str().map(|s| PromptInput::Text(s.to_string())).ok_or_else(shape_error))
+                .map(|v| {
+                    v.as_str()
+                        .map(|s| PromptInput::Text(s.to_string()))
+                        .ok_or_else(shape_error)
+                })
                 .collect::<Result<_, _>>()?,
             Value::Number(_) => vec![PromptInput::Ids(ids(items)?)],
             Value::Array(_) => items
                 .iter()
                 .map(|v| match v {
                     Value::Array(inner) if !inner.is_empty() => Ok(PromptInput::Ids(ids(inner)?)),
-                    Value::Array(_) => Err(ApiError::param("prompt", "a token-id prompt must not be empty")),
+                    Value::Array(_) => Err(ApiError::param(
+                        "prompt",
+                        "a token-id prompt must not be empty",
+                    )),
                     _ => Err(shape_error()),
                 })
                 .collect::<Result<_, _>>()?,
@@ -214,14 +257,21 @@ pub fn parse_prompt(prompt: &Value, max_prompts: usize) -> Result<Vec<PromptInpu
     if inputs.len() > max_prompts {
         return Err(ApiError::param(
             "prompt",
-            format!("at most {max_prompts} prompts per request, got {}", inputs.len()),
+            format!(
+                "at most {max_prompts} prompts per request, got {}",
+                inputs.len()
+            ),
         ));
     }
     Ok(inputs)
 }
 
 fn completion_logprob(lp: &SampledLogprobs, offset: usize) -> CompletionLogprobs {
-    let top: HashMap<String, f32> = lp.top.iter().map(|t| (t.token.clone(), t.logprob)).collect();
+    let top: HashMap<String, f32> = lp
+        .top
+        .iter()
+        .map(|t| (t.token.clone(), t.logprob))
+        .collect();
     CompletionLogprobs {
         tokens: vec![lp.chosen.token.clone()],
         token_logprobs: vec![lp.chosen.logprob],
@@ -263,7 +313,11 @@ impl ChunkFormatter for CompletionFormatter {
 
     fn event(&mut self, event: ChoiceEvent) -> Vec<Event> {
         match event {
-            ChoiceEvent::Token { index, text, logprobs } => {
+            ChoiceEvent::Token {
+                index,
+                text,
+                logprobs,
+            } => {
                 let logprobs = logprobs.filter(|_| self.logprobs);
                 if text.is_empty() && logprobs.is_none() {
                     return Vec::new();
@@ -317,20 +371,34 @@ mod tests {
 
     #[test]
     fn prompt_shapes() {
-        assert_eq!(parse_prompt(&json!("hi"), 8).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(
+            parse_prompt(&json!("hi"), 8).unwrap(),
+            vec![PromptInput::Text("hi".into())]
+        );
         assert_eq!(
             parse_prompt(&json!(["a", "b"]), 8).unwrap(),
             vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())]
         );
-        assert_eq!(parse_prompt(&json!([1, 2, 3]), 8).unwrap(), vec![PromptInput::Ids(vec![1, 2, 3])]);
+        assert_eq!(
+            parse_prompt(&json!([1, 2, 3]), 8).unwrap(),
+            vec![PromptInput::Ids(vec![1, 2, 3])]
+        );
         assert_eq!(
             parse_prompt(&json!([[1], [2, 3]]), 8).unwrap(),
             vec![PromptInput::Ids(vec![1]), PromptInput::Ids(vec![2, 3])]
         );
-        for bad in [json!([]), json!(5), json!(["a", 1]), json!([1, -2]), json!([[1], []]), json!([1.5]), json!(null)] {
+        for bad in [
+            json!([]),
+            json!(5),
+            json!(["a", 1]),
+            json!([1, -2]),
+            json!([[1], []]),
+            json!([1.5]),
+            json!(null),
+        ] {
             let err = parse_prompt(&bad, 8).unwrap_err();
             assert_eq!(err.body().error.param.as_deref(), Some("prompt"), "{bad}");
         }
-        assert!(parse_prompt(&json!(["a"; 9]), 8).is_err());
+        assert!(parse_prompt(&json!(vec!["a"; 9]), 8).is_err());
     }
 }

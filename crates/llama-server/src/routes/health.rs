@@ -29,6 +29,9 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     } else if alive {
         (StatusCode::SERVICE_UNAVAILABLE, Json(body("draining")))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(body("engine stopped")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(body("engine stopped")),
+        )
     }
 }

@@ -53,7 +53,9 @@ async fn method_not_allowed(method: Method, request: Request) -> ApiError {
 /// Codec failures: the client's conversation or text, or our fault.
 pub fn codec_error(err: CodecError, param: &str) -> ApiError {
     match err {
-        CodecError::InvalidConversation(message) | CodecError::InvalidInput(message) => ApiError::param(param, message),
+        CodecError::InvalidConversation(message) | CodecError::InvalidInput(message) => {
+            ApiError::param(param, message)
+        }
         CodecError::Internal(detail) => ApiError::internal(detail),
     }
 }

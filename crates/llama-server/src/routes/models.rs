@@ -25,7 +25,10 @@ pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
 }
 
 /// `{*id}` because repository names such as `meta-llama/Llama-2-7b-chat-hf` contain a slash.
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
     if state.model_names.contains(&id) {
         Ok(Json(card(&state)))
     } else {

@@ -61,8 +61,14 @@ pub async fn tokenize(
             let add_special = req.add_special_tokens.unwrap_or(true);
             state
                 .blocking(move |codec| {
-                    let ids = codec.encode(&prompt, add_special).map_err(|e| codec_error(e, "prompt"))?;
-                    let strs = with_strs.then(|| ids.iter().map(|&id| codec.token_str(id).unwrap_or_default()).collect());
+                    let ids = codec
+                        .encode(&prompt, add_special)
+                        .map_err(|e| codec_error(e, "prompt"))?;
+                    let strs = with_strs.then(|| {
+                        ids.iter()
+                            .map(|&id| codec.token_str(id).unwrap_or_default())
+                            .collect()
+                    });
                     Ok((ids, strs))
                 })
                 .await?
@@ -74,12 +80,21 @@ pub async fn tokenize(
                     let ids = codec
                         .render_chat(&turns, system.as_deref())
                         .map_err(|e| codec_error(e, "messages"))?;
-                    let strs = with_strs.then(|| ids.iter().map(|&id| codec.token_str(id).unwrap_or_default()).collect());
+                    let strs = with_strs.then(|| {
+                        ids.iter()
+                            .map(|&id| codec.token_str(id).unwrap_or_default())
+                            .collect()
+                    });
                     Ok((ids, strs))
                 })
                 .await?
         }
-        _ => return Err(ApiError::invalid("give exactly one of `prompt` or `messages`", None)),
+        _ => {
+            return Err(ApiError::invalid(
+                "give exactly one of `prompt` or `messages`",
+                None,
+            ))
+        }
     };
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
@@ -103,7 +118,11 @@ pub async fn detokenize(
     }
     let tokens = req.tokens;
     let prompt = state
-        .blocking(move |codec| codec.decode(&tokens, false).map_err(|e| codec_error(e, "tokens")))
+        .blocking(move |codec| {
+            codec
+                .decode(&tokens, false)
+                .map_err(|e| codec_error(e, "tokens"))
+        })
         .await?;
     Ok(Json(DetokenizeResponse { prompt }))
 }

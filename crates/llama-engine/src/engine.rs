@@ -58,7 +58,11 @@ pub enum EngineStartError {
 }
 
 /// Starts the engine thread over a Candle model.
-pub fn start_engine(model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig) -> Result<EngineHandle, EngineStartError> {
+pub fn start_engine(
+    model: LlamaModel,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+) -> Result<EngineHandle, EngineStartError> {
     let kv = model.new_kv_cache(&config.kv_cache)?;
     let alloc = kv.allocator();
     let model_cfg = model.config().clone();
@@ -72,7 +76,14 @@ pub fn start_engine(model: LlamaModel, tokenizer: Tokenizer, config: EngineConfi
         "KV cache allocated"
     );
     let runner = CandleRunner::new(model, kv);
-    start_with_runner(Box::new(runner), alloc, tokenizer, eos, model_cfg.max_position_embeddings, config)
+    start_with_runner(
+        Box::new(runner),
+        alloc,
+        tokenizer,
+        eos,
+        model_cfg.max_position_embeddings,
+        config,
+    )
 }
 
 /// Starts the engine thread over any runner (the scripted one in tests).
@@ -85,7 +96,9 @@ pub fn start_with_runner(
     config: EngineConfig,
 ) -> Result<EngineHandle, EngineStartError> {
     if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
-        return Err(EngineStartError::Config("max_num_seqs and max_num_batched_tokens must be positive".into()));
+        return Err(EngineStartError::Config(
+            "max_num_seqs and max_num_batched_tokens must be positive".into(),
+        ));
     }
     eos.sort_unstable();
     eos.dedup();
@@ -105,7 +118,10 @@ pub fn start_with_runner(
         accepting: AtomicBool::new(true),
         stopped: AtomicBool::new(false),
     });
-    shared.stats.kv_blocks_total.store(alloc.num_blocks(), Ordering::Relaxed);
+    shared
+        .stats
+        .kv_blocks_total
+        .store(alloc.num_blocks(), Ordering::Relaxed);
     let scheduler = Scheduler::new(
         SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
@@ -207,9 +223,12 @@ impl Engine {
             let t3 = Instant::now();
             let s = self.stats();
             s.steps_total.fetch_add(1, Ordering::Relaxed);
-            s.schedule_ns.fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
-            s.forward_ns.fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
-            s.postprocess_ns.fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
+            s.schedule_ns
+                .fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
+            s.forward_ns
+                .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+            s.postprocess_ns
+                .fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
             self.publish_gauges();
         }
         self.shared.stopped.store(true, Ordering::Release);
@@ -257,12 +276,17 @@ impl Engine {
     }
 
     fn add_request(&mut self, sub: Submission) {
-        let Submission { request, events, submitted_at } = sub;
+        let Submission {
+            request,
+            events,
+            submitted_at,
+        } = sub;
         let req_id = self.new_id();
         let seq_id = self.new_id();
         let n = request.n.max(1);
         self.scheduler.add(seq_id, request.prompt.clone(), n - 1);
-        self.seqs.insert(seq_id, self.new_seq_state(req_id, 0, &request));
+        self.seqs
+            .insert(seq_id, self.new_seq_state(req_id, 0, &request));
         self.requests.insert(
             req_id,
             RequestState {
@@ -302,11 +326,15 @@ impl Engine {
         for (id, error) in gone {
             match error {
                 None => {
-                    self.stats().requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+                    self.stats()
+                        .requests_cancelled_total
+                        .fetch_add(1, Ordering::Relaxed);
                     self.remove_request(id, None);
                 }
                 Some(e) => {
-                    self.stats().requests_failed_total.fetch_add(1, Ordering::Relaxed);
+                    self.stats()
+                        .requests_failed_total
+                        .fetch_add(1, Ordering::Relaxed);
                     self.remove_request(id, Some(e));
                 }
             }
@@ -315,7 +343,9 @@ impl Engine {
 
     /// Drops a request and all its sequences, freeing their blocks; sends `error` first if given.
     fn remove_request(&mut self, id: u64, error: Option<EngineError>) {
-        let Some(r) = self.requests.remove(&id) else { return };
+        let Some(r) = self.requests.remove(&id) else {
+            return;
+        };
         if !r.admitted {
             self.stats().waiting.fetch_sub(1, Ordering::AcqRel);
         }
@@ -330,15 +360,24 @@ impl Engine {
 
     fn after_schedule(&mut self, plan: &StepPlan) {
         if !plan.preempted.is_empty() {
-            self.stats().preemptions_total.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+            self.stats()
+                .preemptions_total
+                .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         }
         for chunk in &plan.chunks {
-            let Some(seq) = self.seqs.get(&chunk.seq) else { continue };
-            let Some(r) = self.requests.get_mut(&seq.request) else { continue };
+            let Some(seq) = self.seqs.get(&chunk.seq) else {
+                continue;
+            };
+            let Some(r) = self.requests.get_mut(&seq.request) else {
+                continue;
+            };
             if !r.admitted {
                 r.admitted = true;
                 self.shared.stats.waiting.fetch_sub(1, Ordering::AcqRel);
-                self.shared.stats.prompt_tokens_total.fetch_add(r.request.prompt.len() as u64, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .prompt_tokens_total
+                    .fetch_add(r.request.prompt.len() as u64, Ordering::Relaxed);
                 tracing::debug!(request = %r.request.request_id, queued_ms = r.submitted_at.elapsed().as_millis() as u64, "admitted");
             }
         }
@@ -369,7 +408,9 @@ impl Engine {
     /// On the parent's first sampled step, creates the other n-1 choices sharing its prompt KV.
     fn fork_choices(&mut self, parent: SeqId) -> Vec<SeqId> {
         let req_id = self.seqs[&parent].request;
-        let Some(r) = self.requests.get(&req_id) else { return Vec::new() };
+        let Some(r) = self.requests.get(&req_id) else {
+            return Vec::new();
+        };
         if r.parent != parent || r.pending_forks == 0 {
             return Vec::new();
         }
@@ -379,7 +420,8 @@ impl Engine {
         for choice in 1..n {
             let child = self.new_id();
             self.scheduler.fork(parent, child);
-            self.seqs.insert(child, self.new_seq_state(req_id, choice, &request));
+            self.seqs
+                .insert(child, self.new_seq_state(req_id, choice, &request));
             children.push(child);
         }
         let r = self.requests.get_mut(&req_id).expect("checked above");
@@ -389,11 +431,19 @@ impl Engine {
     }
 
     fn sample_and_emit(&mut self, seq_id: SeqId) {
-        let Some(tokens) = self.scheduler.tokens(seq_id) else { return };
-        let Some(st) = self.seqs.get_mut(&seq_id) else { return };
-        let Some(r) = self.requests.get(&st.request) else { return };
+        let Some(tokens) = self.scheduler.tokens(seq_id) else {
+            return;
+        };
+        let Some(st) = self.seqs.get_mut(&seq_id) else {
+            return;
+        };
+        let Some(r) = self.requests.get(&st.request) else {
+            return;
+        };
         let (prompt, generated) = tokens.split_at(st.prompt_len);
-        let sampled = st.sampler.sample(&mut self.row, prompt, generated, r.request.logprobs);
+        let sampled = st
+            .sampler
+            .sample(&mut self.row, prompt, generated, r.request.logprobs);
         let token = sampled.id;
         let total_len = tokens.len() + 1;
         st.generated += 1;
@@ -415,7 +465,9 @@ impl Engine {
                 stopped_by_string = true;
             }
         }
-        if finish.is_none() && (st.generated >= conditions.max_tokens || total_len >= self.max_context) {
+        if finish.is_none()
+            && (st.generated >= conditions.max_tokens || total_len >= self.max_context)
+        {
             finish = Some(FinishReason::Length);
         }
         if finish.is_some() && !stopped_by_string {
@@ -435,15 +487,27 @@ impl Engine {
             prompt_tokens: st.prompt_len,
             completion_tokens: st.generated,
         };
-        self.shared.stats.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .generation_tokens_total
+            .fetch_add(1, Ordering::Relaxed);
         let logprobs = want_logprobs.then(|| self.logprobs(&sampled));
         self.scheduler.append_token(seq_id, token);
         let events = &self.requests[&request_id].events;
         if !(ends_by_token && text.is_empty()) {
-            let _ = events.send(Ok(StreamEvent::Token { index: choice, id: token, text, logprobs }));
+            let _ = events.send(Ok(StreamEvent::Token {
+                index: choice,
+                id: token,
+                text,
+                logprobs,
+            }));
         }
         if let Some(finish_reason) = finish {
-            let _ = events.send(Ok(StreamEvent::Done { index: choice, finish_reason, usage }));
+            let _ = events.send(Ok(StreamEvent::Done {
+                index: choice,
+                finish_reason,
+                usage,
+            }));
             self.finish_seq(seq_id);
         }
     }
@@ -463,24 +527,42 @@ impl Engine {
 
     fn finish_seq(&mut self, seq_id: SeqId) {
         self.scheduler.remove(seq_id);
-        let Some(st) = self.seqs.remove(&seq_id) else { return };
-        let Some(r) = self.requests.get_mut(&st.request) else { return };
+        let Some(st) = self.seqs.remove(&seq_id) else {
+            return;
+        };
+        let Some(r) = self.requests.get_mut(&st.request) else {
+            return;
+        };
         r.live_seqs.retain(|&s| s != seq_id);
         if r.live_seqs.is_empty() && r.pending_forks == 0 {
             self.requests.remove(&st.request);
-            self.stats().requests_finished_total.fetch_add(1, Ordering::Relaxed);
+            self.stats()
+                .requests_finished_total
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// A failed step fails only the requests that were in it.
     fn fail_step(&mut self, plan: &StepPlan, message: &str) {
-        tracing::error!(error = message, sequences = plan.chunks.len(), "step failed");
-        self.stats().step_failures_total.fetch_add(1, Ordering::Relaxed);
-        let mut requests: Vec<u64> = plan.chunks.iter().filter_map(|c| self.seqs.get(&c.seq).map(|s| s.request)).collect();
+        tracing::error!(
+            error = message,
+            sequences = plan.chunks.len(),
+            "step failed"
+        );
+        self.stats()
+            .step_failures_total
+            .fetch_add(1, Ordering::Relaxed);
+        let mut requests: Vec<u64> = plan
+            .chunks
+            .iter()
+            .filter_map(|c| self.seqs.get(&c.seq).map(|s| s.request))
+            .collect();
         requests.sort_unstable();
         requests.dedup();
         for id in requests {
-            self.stats().requests_failed_total.fetch_add(1, Ordering::Relaxed);
+            self.stats()
+                .requests_failed_total
+                .fetch_add(1, Ordering::Relaxed);
             self.remove_request(id, Some(EngineError::Model(message.to_string())));
         }
     }
@@ -502,9 +584,12 @@ impl Engine {
 
     fn publish_gauges(&self) {
         let s = self.stats();
-        s.running.store(self.scheduler.num_running(), Ordering::Relaxed);
-        s.kv_blocks_used
-            .store(self.scheduler.num_blocks() - self.scheduler.num_free_blocks(), Ordering::Relaxed);
+        s.running
+            .store(self.scheduler.num_running(), Ordering::Relaxed);
+        s.kv_blocks_used.store(
+            self.scheduler.num_blocks() - self.scheduler.num_free_blocks(),
+            Ordering::Relaxed,
+        );
     }
 }
 

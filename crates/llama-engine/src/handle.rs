@@ -133,7 +133,12 @@ impl EngineHandle {
             if current >= limits.max_queue {
                 return Err(SubmitError::Overloaded { waiting: current });
             }
-            match waiting.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match waiting.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(actual) => current = actual,
             }
@@ -145,7 +150,12 @@ impl EngineHandle {
             events: tx,
             submitted_at: Instant::now(),
         };
-        if self.shared.commands.send(Command::Submit(Box::new(submission))).is_err() {
+        if self
+            .shared
+            .commands
+            .send(Command::Submit(Box::new(submission)))
+            .is_err()
+        {
             waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Unavailable("the engine has stopped".into()));
         }
@@ -193,18 +203,28 @@ fn validate(request: &GenerateRequest, limits: &Limits) -> Result<(), SubmitErro
     if request.prompt.is_empty() {
         return Err(SubmitError::Invalid("the prompt is empty".into()));
     }
-    if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= limits.vocab_size) {
+    if let Some(&bad) = request
+        .prompt
+        .iter()
+        .find(|&&t| t as usize >= limits.vocab_size)
+    {
         return Err(SubmitError::Invalid(format!(
             "token id {bad} is out of range: the vocabulary has {} tokens",
             limits.vocab_size
         )));
     }
     if request.n == 0 || request.n > limits.max_n {
-        return Err(SubmitError::Invalid(format!("n must be between 1 and {}", limits.max_n)));
+        return Err(SubmitError::Invalid(format!(
+            "n must be between 1 and {}",
+            limits.max_n
+        )));
     }
     if let Some(k) = request.logprobs {
         if k > limits.max_logprobs {
-            return Err(SubmitError::Invalid(format!("top_logprobs must be at most {}", limits.max_logprobs)));
+            return Err(SubmitError::Invalid(format!(
+                "top_logprobs must be at most {}",
+                limits.max_logprobs
+            )));
         }
     }
     if request.stop.max_tokens == 0 {
@@ -227,6 +247,14 @@ fn validate(request: &GenerateRequest, limits: &Limits) -> Result<(), SubmitErro
 pub struct Generation {
     pub prompt_tokens: usize,
     events: mpsc::UnboundedReceiver<Result<StreamEvent, EngineError>>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("prompt_tokens", &self.prompt_tokens)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Generation {

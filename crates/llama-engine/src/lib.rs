@@ -21,6 +21,6 @@ pub mod tokenizer;
 pub use engine::{start_engine, start_with_runner, EngineConfig, EngineStartError};
 pub use handle::{EngineHandle, Generation, StatsSnapshot};
 pub use request::{
-    EngineError, FinishReason, GenerateRequest, SampledLogprobs, SamplingParams, StopConditions, StreamEvent,
-    SubmitError, TokenLogprob, Usage,
+    EngineError, FinishReason, GenerateRequest, SampledLogprobs, SamplingParams, StopConditions,
+    StreamEvent, SubmitError, TokenLogprob, Usage,
 };

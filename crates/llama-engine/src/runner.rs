@@ -70,16 +70,26 @@ impl CandleRunner {
             .map(|(_, &r)| r as u32)
             .collect();
         if rows.is_empty() {
-            return Ok(StepOutput { vocab, logits: Vec::new() });
+            return Ok(StepOutput {
+                vocab,
+                logits: Vec::new(),
+            });
         }
         let n = rows.len();
-        let picked = if n == logits.last_row.len() && rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+        let picked = if n == logits.last_row.len()
+            && rows.iter().enumerate().all(|(i, &r)| r as usize == i)
+        {
             logits.values
         } else {
-            logits.values.index_select(&Tensor::from_vec(rows, n, self.model.device())?, 0)?
+            logits
+                .values
+                .index_select(&Tensor::from_vec(rows, n, self.model.device())?, 0)?
         };
         let flat: Vec<f32> = picked.flatten_all()?.to_vec1()?;
-        Ok(StepOutput { vocab, logits: flat })
+        Ok(StepOutput {
+            vocab,
+            logits: flat,
+        })
     }
 }
 

@@ -124,7 +124,9 @@ impl Scheduler {
     /// Creates `child` as a copy of `parent` (same tokens, same KV). When
     /// blocks are short the child recomputes its KV instead: never an error.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
-        let Some(p) = self.seqs.get_mut(&parent) else { return };
+        let Some(p) = self.seqs.get_mut(&parent) else {
+            return;
+        };
         p.reserve_forks = p.reserve_forks.saturating_sub(1);
         let tokens = p.tokens.clone();
         let computed = p.computed;
@@ -148,7 +150,11 @@ impl Scheduler {
         );
         if copied {
             // Right after its parent, so preemption order stays by arrival.
-            let at = self.running.iter().position(|&s| s == parent).map_or(self.running.len(), |i| i + 1);
+            let at = self
+                .running
+                .iter()
+                .position(|&s| s == parent)
+                .map_or(self.running.len(), |i| i + 1);
             self.running.insert(at, child);
         } else {
             self.waiting.push_front(child);
@@ -172,7 +178,9 @@ impl Scheduler {
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks.
     pub fn remove(&mut self, id: SeqId) {
         if let Some(mut s) = self.seqs.remove(&id) {
-            self.alloc.release(&mut s.table).expect("a sequence's blocks are its own");
+            self.alloc
+                .release(&mut s.table)
+                .expect("a sequence's blocks are its own");
             self.running.retain(|&r| r != id);
             self.waiting.retain(|&w| w != id);
         }
@@ -224,7 +232,9 @@ impl Scheduler {
             .max_by_key(|id| self.seqs[id].arrival);
         let Some(victim) = victim else { return false };
         let s = self.seqs.get_mut(&victim).expect("running sequences exist");
-        self.alloc.release(&mut s.table).expect("a sequence's blocks are its own");
+        self.alloc
+            .release(&mut s.table)
+            .expect("a sequence's blocks are its own");
         s.computed = 0;
         self.running.retain(|&r| r != victim);
         self.waiting.push_front(victim);
@@ -300,12 +310,18 @@ impl Scheduler {
             plan.chunks.push(self.chunk(id, len));
             budget -= len;
             // The list may have shrunk by preemption of younger sequences only.
-            i = self.running.iter().position(|&r| r == id).map_or(i, |p| p + 1);
+            i = self
+                .running
+                .iter()
+                .position(|&r| r == id)
+                .map_or(i, |p| p + 1);
         }
 
         // 2. Admit waiting sequences, FCFS, while blocks and budget allow.
         while budget > 0 && plan.chunks.len() < self.config.max_num_seqs {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
             if plan.preempted.contains(&id) {
                 break; // preempted this very step: give memory a step to free up
             }
@@ -313,7 +329,11 @@ impl Scheduler {
             // Admit only when the whole prompt (and promised forks) fits now, so
             // an admitted prompt is not preempted halfway through its prefill.
             // Alone in the engine, forks that do not fit simply recompute.
-            let forks = if self.running.is_empty() { 0 } else { s.reserve_forks };
+            let forks = if self.running.is_empty() {
+                0
+            } else {
+                s.reserve_forks
+            };
             let need_blocks = self.alloc.blocks_for(s.tokens.len()) * (1 + forks);
             if need_blocks + self.reserved_for_forks() > self.alloc.num_free() {
                 break;

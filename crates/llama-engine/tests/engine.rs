@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use llama_engine::tokenizer::Tokenizer;
 use llama_engine::{
-    start_engine, EngineConfig, EngineHandle, FinishReason, GenerateRequest, SamplingParams, StreamEvent, SubmitError,
+    start_engine, EngineConfig, EngineHandle, FinishReason, GenerateRequest, SamplingParams,
+    StreamEvent, SubmitError,
 };
 use llama_model::{Device, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
 use serde_json::Value;
@@ -16,23 +17,34 @@ fn model_dir() -> PathBuf {
 }
 
 fn reference() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-reference.json");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny-llama-reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn engine(config: EngineConfig) -> (EngineHandle, Tokenizer) {
     let model = LlamaModel::load(&model_dir(), &Device::Cpu, ModelOptions::default()).unwrap();
     let tokenizer = Tokenizer::from_model_dir(&model_dir()).unwrap();
-    (start_engine(model, tokenizer.clone(), config).unwrap(), tokenizer)
+    (
+        start_engine(model, tokenizer.clone(), config).unwrap(),
+        tokenizer,
+    )
 }
 
 fn default_engine() -> (EngineHandle, Tokenizer) {
     engine(EngineConfig {
-        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 400) },
+        kv_cache: KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::Tokens(16 * 400),
+        },
         ..Default::default()
     })
 }
@@ -50,11 +62,17 @@ fn collect(mut g: llama_engine::Generation, n: usize) -> Vec<Choice> {
     let mut choices = vec![Choice::default(); n];
     while let Some(ev) = g.blocking_next() {
         match ev.expect("no engine error") {
-            StreamEvent::Token { index, id, text, .. } => {
+            StreamEvent::Token {
+                index, id, text, ..
+            } => {
                 choices[index].ids.push(id);
                 choices[index].text.push_str(&text);
             }
-            StreamEvent::Done { index, finish_reason, usage } => {
+            StreamEvent::Done {
+                index,
+                finish_reason,
+                usage,
+            } => {
                 choices[index].finish = Some(finish_reason);
                 choices[index].completion_tokens = usage.completion_tokens;
             }
@@ -76,7 +94,10 @@ fn wait_idle(handle: &EngineHandle) {
         if s.running == 0 && s.waiting == 0 && s.kv_blocks_used == 0 {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "engine did not go idle: {s:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "engine did not go idle: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -88,7 +109,12 @@ fn greedy_requests_match_the_reference_text() {
         let g = handle.submit(greedy(ids(&p["prompt_ids"]), 48)).unwrap();
         let c = collect(g, 1).remove(0);
         assert_eq!(c.ids, ids(&p["greedy_ids"]), "{}", p["name"]);
-        assert_eq!(c.text, p["greedy_text_incremental"].as_str().unwrap(), "{}", p["name"]);
+        assert_eq!(
+            c.text,
+            p["greedy_text_incremental"].as_str().unwrap(),
+            "{}",
+            p["name"]
+        );
         assert_eq!(c.finish, Some(FinishReason::Length));
         assert_eq!(c.completion_tokens, 48);
     }
@@ -99,10 +125,19 @@ fn greedy_requests_match_the_reference_text() {
 fn fifty_concurrent_requests_give_their_solo_outputs() {
     let (handle, tokenizer) = engine(EngineConfig {
         max_num_batched_tokens: 96,
-        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 400) },
+        kv_cache: KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::Tokens(16 * 400),
+        },
         ..Default::default()
     });
-    let texts = ["Hello", "The capital of France is", "fn main() {", "Once upon a time, in a land far away,", "1, 2, 3,"];
+    let texts = [
+        "Hello",
+        "The capital of France is",
+        "fn main() {",
+        "Once upon a time, in a land far away,",
+        "1, 2, 3,",
+    ];
     let requests: Vec<(Vec<u32>, usize)> = (0..50)
         .map(|i| {
             let mut prompt = tokenizer.encode(texts[i % texts.len()], true).unwrap();
@@ -112,10 +147,20 @@ fn fifty_concurrent_requests_give_their_solo_outputs() {
         .collect();
     let solo: Vec<Vec<u32>> = requests
         .iter()
-        .map(|(p, n)| collect(handle.submit(greedy(p.clone(), *n)).unwrap(), 1).remove(0).ids)
+        .map(|(p, n)| {
+            collect(handle.submit(greedy(p.clone(), *n)).unwrap(), 1)
+                .remove(0)
+                .ids
+        })
         .collect();
-    let gens: Vec<_> = requests.iter().map(|(p, n)| handle.submit(greedy(p.clone(), *n)).unwrap()).collect();
-    let batched: Vec<Vec<u32>> = gens.into_iter().map(|g| collect(g, 1).remove(0).ids).collect();
+    let gens: Vec<_> = requests
+        .iter()
+        .map(|(p, n)| handle.submit(greedy(p.clone(), *n)).unwrap())
+        .collect();
+    let batched: Vec<Vec<u32>> = gens
+        .into_iter()
+        .map(|g| collect(g, 1).remove(0).ids)
+        .collect();
     for (i, (a, b)) in solo.iter().zip(&batched).enumerate() {
         assert_eq!(a, b, "request {i}");
     }
@@ -126,7 +171,13 @@ fn sampled(prompt: Vec<u32>, seed: u64, n: usize) -> GenerateRequest {
     let mut r = GenerateRequest::new(prompt, 24);
     r.stop.ignore_eos = true;
     r.n = n;
-    r.sampling = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(seed), ..Default::default() };
+    r.sampling = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        seed: Some(seed),
+        ..Default::default()
+    };
     r
 }
 
@@ -138,11 +189,27 @@ fn seeded_sampling_is_reproducible_solo_and_batched() {
     // The same request among 10 others with different seeds and prompts.
     let mut others = Vec::new();
     for i in 0..5 {
-        others.push(handle.submit(sampled(tokenizer.encode(&format!("Noise {i}"), true).unwrap(), i, 1)).unwrap());
+        others.push(
+            handle
+                .submit(sampled(
+                    tokenizer.encode(&format!("Noise {i}"), true).unwrap(),
+                    i,
+                    1,
+                ))
+                .unwrap(),
+        );
     }
     let again = handle.submit(sampled(prompt.clone(), 42, 1)).unwrap();
     for i in 5..10 {
-        others.push(handle.submit(sampled(tokenizer.encode(&format!("More {i}"), true).unwrap(), i, 1)).unwrap());
+        others.push(
+            handle
+                .submit(sampled(
+                    tokenizer.encode(&format!("More {i}"), true).unwrap(),
+                    i,
+                    1,
+                ))
+                .unwrap(),
+        );
     }
     let again = collect(again, 1);
     for g in others {
@@ -166,7 +233,10 @@ fn n_choices_share_a_prefill_and_differ() {
     }
     assert!(choices[0].ids != choices[1].ids || choices[1].ids != choices[2].ids);
     // Seeded: the same request gives the same three choices.
-    assert_eq!(choices, collect(handle.submit(sampled(prompt.clone(), 7, 3)).unwrap(), 3));
+    assert_eq!(
+        choices,
+        collect(handle.submit(sampled(prompt.clone(), 7, 3)).unwrap(), 3)
+    );
     // Greedy n=3: three identical choices equal to the n=1 answer.
     let mut g = greedy(prompt.clone(), 16);
     g.n = 3;
@@ -201,7 +271,10 @@ fn full_queue_is_refused_and_context_checked() {
     let (handle, tokenizer) = engine(EngineConfig {
         max_queue: 2,
         max_num_seqs: 1,
-        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 64) },
+        kv_cache: KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::Tokens(16 * 64),
+        },
         ..Default::default()
     });
     let prompt = tokenizer.encode("Hello", true).unwrap();
@@ -217,7 +290,16 @@ fn full_queue_is_refused_and_context_checked() {
     assert!(refused >= 15, "only {refused} refused");
     assert!(accepted.len() <= 4);
     let err = handle.submit(greedy(prompt.clone(), 10_000)).unwrap_err();
-    assert!(matches!(err, SubmitError::ContextLength { max_context: 512, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SubmitError::ContextLength {
+                max_context: 512,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     drop(accepted);
     wait_idle(&handle);
 }
@@ -226,12 +308,19 @@ fn full_queue_is_refused_and_context_checked() {
 fn thousand_requests_with_cancellations_leak_nothing() {
     let (handle, tokenizer) = engine(EngineConfig {
         max_queue: 2000,
-        kv_cache: KvCacheSpec { block_size: 16, budget: KvBudget::Tokens(16 * 200) },
+        kv_cache: KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::Tokens(16 * 200),
+        },
         ..Default::default()
     });
     let total_blocks = handle.stats().kv_blocks_total;
     let prompt = tokenizer.encode("A short prompt", true).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut tasks = Vec::new();
         for i in 0..1000usize {
@@ -257,5 +346,9 @@ fn thousand_requests_with_cancellations_leak_nothing() {
     let s = handle.stats();
     assert_eq!(s.kv_blocks_total, total_blocks);
     assert!(s.requests_cancelled_total >= 1, "{s:?}");
-    assert_eq!(s.requests_finished_total + s.requests_cancelled_total, 1000, "{s:?}");
+    assert_eq!(
+        s.requests_finished_total + s.requests_cancelled_total,
+        1000,
+        "{s:?}"
+    );
 }

@@ -228,7 +228,10 @@ impl LlamaConfig {
                 return Err(field_err(field, "must be positive"));
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(field_err(
                 "num_key_value_heads",
                 format!(

@@ -51,7 +51,8 @@ pub fn submit(
     request_id: &str,
 ) -> Result<Submitted, ApiError> {
     let n = params.n;
-    let deadline = state.options.request_timeout.map(|t| Instant::now() + t);
+    let submitted_at = Instant::now();
+    let deadline = state.options.request_timeout.map(|t| submitted_at + t);
     let mut streams = Vec::with_capacity(prompts.len());
     let mut prompt_tokens = 0;
     let num_prompts = prompts.len();
@@ -77,7 +78,10 @@ pub fn submit(
         streams.push(events.map(move |event| event.map(|e| renumber(e, offset))));
     }
     Ok(Submitted {
-        events: Box::pin(futures::stream::select_all(streams)),
+        events: crate::metrics::instrument(
+            Box::pin(futures::stream::select_all(streams)),
+            submitted_at,
+        ),
         prompt_tokens,
         num_choices: num_prompts * n,
     })

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod generation_defaults;
 pub mod json;
 pub mod llama_codec;
+pub mod metrics;
 pub mod model_source;
 pub mod openai;
 pub mod request_id;

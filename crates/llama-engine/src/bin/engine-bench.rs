@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_engine::tokenizer::Tokenizer;
 use llama_engine::{start_engine, EngineConfig, GenerateRequest, StreamEvent};
-use llama_model::{resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
+use llama_model::{
+    resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "engine-bench", about = "Engine throughput at concurrency")]
@@ -55,27 +57,43 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = args.device.parse::<DeviceSpec>()?.open()?;
     let dtype = args.dtype.parse::<DTypeSpec>()?;
-    let opts = ModelOptions { dtype: dtype.dtype(), ..Default::default() };
+    let opts = ModelOptions {
+        dtype: dtype.dtype(),
+        ..Default::default()
+    };
     let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
     let (model, tok_dir) = match &args.model {
         Some(dir) => (LlamaModel::load(dir, &device, opts)?, dir.clone()),
-        None => (LlamaModel::random(resolve_shape(&args.random_weights)?, 1234, &device, opts)?, bundled),
+        None => (
+            LlamaModel::random(resolve_shape(&args.random_weights)?, 1234, &device, opts)?,
+            bundled,
+        ),
     };
-    let tokenizer = Tokenizer::from_model_dir(args.tokenizer.as_ref().unwrap_or(&tok_dir)).context("tokenizer")?;
+    let tokenizer = Tokenizer::from_model_dir(args.tokenizer.as_ref().unwrap_or(&tok_dir))
+        .context("tokenizer")?;
     let budget: KvBudget = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
     let max_conc = *args.concurrency.iter().max().unwrap_or(&1);
     let config = EngineConfig {
         max_num_seqs: max_conc.max(1),
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_queue: max_conc * args.rounds + 16,
-        kv_cache: KvCacheSpec { block_size: 16, budget },
+        kv_cache: KvCacheSpec {
+            block_size: 16,
+            budget,
+        },
         ..Default::default()
     };
     let handle = start_engine(model, tokenizer, config)?;
     if args.prompt_len + args.gen > handle.max_context() {
-        bail!("prompt + gen exceeds the context of {}", handle.max_context());
+        bail!(
+            "prompt + gen exceeds the context of {}",
+            handle.max_context()
+        );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let mut rows = Vec::new();
     for &conc in &args.concurrency {
         let before = handle.stats();
@@ -86,7 +104,10 @@ fn main() -> Result<()> {
             for i in 0..conc * args.rounds {
                 // Distinct prompts so nothing is shared between requests.
                 let prompt: Vec<u32> = std::iter::once(1)
-                    .chain((1..args.prompt_len).map(|k| 100 + ((i * 7919 + k * 104729) % 30000) as u32))
+                    .chain(
+                        (1..args.prompt_len)
+                            .map(|k| 100 + ((i * 7919 + k * 104729) % 30000) as u32),
+                    )
                     .collect();
                 let mut req = GenerateRequest::new(prompt, args.gen);
                 req.stop.ignore_eos = true;
@@ -120,7 +141,8 @@ fn main() -> Result<()> {
         ttft.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let step_ns = (after.schedule_ns + after.forward_ns + after.postprocess_ns)
             - (before.schedule_ns + before.forward_ns + before.postprocess_ns);
-        let overhead_ns = (after.schedule_ns - before.schedule_ns) + (after.postprocess_ns - before.postprocess_ns);
+        let overhead_ns = (after.schedule_ns - before.schedule_ns)
+            + (after.postprocess_ns - before.postprocess_ns);
         let steps = after.steps_total - before.steps_total;
         let row = serde_json::json!({
             "concurrency": conc,
@@ -139,16 +161,23 @@ fn main() -> Result<()> {
         rows.push(row);
     }
     if args.json {
-        println!("{}", serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "results": rows}));
+        println!(
+            "{}",
+            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "results": rows})
+        );
     } else {
         println!("| concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | engine overhead % | preemptions |");
         println!("|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
                 "| {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {} |",
-                r["concurrency"], r["output_tok_s"].as_f64().unwrap(), r["ttft_ms_p50"].as_f64().unwrap(),
-                r["ttft_ms_p99"].as_f64().unwrap(), r["ms_per_step"].as_f64().unwrap(),
-                r["engine_overhead_pct"].as_f64().unwrap(), r["preemptions"]
+                r["concurrency"],
+                r["output_tok_s"].as_f64().unwrap(),
+                r["ttft_ms_p50"].as_f64().unwrap(),
+                r["ttft_ms_p99"].as_f64().unwrap(),
+                r["ms_per_step"].as_f64().unwrap(),
+                r["engine_overhead_pct"].as_f64().unwrap(),
+                r["preemptions"]
             );
         }
     }

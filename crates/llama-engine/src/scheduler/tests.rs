@@ -19,7 +19,10 @@ struct FakeModel {
 
 impl FakeModel {
     fn new(block_size: usize) -> Self {
-        Self { block_size, slots: HashMap::new() }
+        Self {
+            block_size,
+            slots: HashMap::new(),
+        }
     }
 
     /// Runs a plan; returns the next token of each sampling chunk.
@@ -36,7 +39,8 @@ impl FakeModel {
         for c in &plan.chunks {
             for (i, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start_pos + i;
-                self.slots.insert(c.block_table.slot(pos, self.block_size), (t, pos));
+                self.slots
+                    .insert(c.block_table.slot(pos, self.block_size), (t, pos));
             }
         }
         for c in &plan.chunks {
@@ -47,7 +51,11 @@ impl FakeModel {
             let mut h: u64 = 1469598103934665603;
             for pos in 0..ctx {
                 let (tok, at) = self.slots[&c.block_table.slot(pos, self.block_size)];
-                assert_eq!(at, pos, "seq {} reads a stale slot at position {pos}", c.seq);
+                assert_eq!(
+                    at, pos,
+                    "seq {} reads a stale slot at position {pos}",
+                    c.seq
+                );
                 h = (h ^ tok as u64).wrapping_mul(1099511628211);
             }
             out.push((c.seq, (h % VOCAB) as u32));
@@ -110,7 +118,9 @@ impl Driver {
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| (seed * 31 + i * 7) % 500 + 1).collect()
+    (0..len as u32)
+        .map(|i| (seed * 31 + i * 7) % 500 + 1)
+        .collect()
 }
 
 fn solo(prompt: Vec<u32>, max_tokens: usize) -> Vec<u32> {
@@ -136,7 +146,10 @@ fn admits_by_free_blocks() {
 
 #[test]
 fn chunked_prefill_never_stalls_running_decodes() {
-    let config = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 16 };
+    let config = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 16,
+    };
     let mut d = Driver::new(128, 4, config);
     d.add(1, prompt(1, 5), 40);
     d.step(); // prefill of seq 1
@@ -145,10 +158,19 @@ fn chunked_prefill_never_stalls_running_decodes() {
     for _ in 0..10 {
         let plan = d.step();
         assert!(plan.num_tokens() <= 16);
-        let decode = plan.chunks.iter().find(|c| c.seq == 1).expect("seq 1 decodes every step");
+        let decode = plan
+            .chunks
+            .iter()
+            .find(|c| c.seq == 1)
+            .expect("seq 1 decodes every step");
         assert_eq!(decode.tokens.len(), 1);
         if let Some(c) = plan.chunks.iter().find(|c| c.seq == 2) {
-            assert_eq!(c.tokens.len(), 15, "the rest of the budget goes to the prompt");
+            // The rest of the budget goes to the prompt; only its last chunk is shorter.
+            assert!(
+                c.tokens.len() == 15 || c.sample,
+                "chunk of {}",
+                c.tokens.len()
+            );
             saw_chunks += 1;
         }
     }
@@ -161,23 +183,38 @@ fn chunked_prefill_never_stalls_running_decodes() {
 #[test]
 fn preemption_recomputes_and_gives_the_same_output() {
     // 12 sequences that together need far more than 20 blocks as they grow.
-    let config = SchedulerConfig { max_num_seqs: 16, max_num_batched_tokens: 64 };
+    let config = SchedulerConfig {
+        max_num_seqs: 16,
+        max_num_batched_tokens: 64,
+    };
     let mut d = Driver::new(20, 4, config);
-    let specs: Vec<(SeqId, usize, usize)> = (1..=12).map(|i| (i, 3 + (i as usize * 5) % 11, 10 + (i as usize * 7) % 17)).collect();
+    let specs: Vec<(SeqId, usize, usize)> = (1..=12)
+        .map(|i| (i, 3 + (i as usize * 5) % 11, 10 + (i as usize * 7) % 17))
+        .collect();
     for &(id, len, gen) in &specs {
         d.add(id, prompt(id as u32, len), gen);
     }
     d.run_to_end();
-    assert!(d.sched.preemptions() > 0, "the pool is small enough to force preemption");
+    assert!(
+        d.sched.preemptions() > 0,
+        "the pool is small enough to force preemption"
+    );
     for &(id, len, gen) in &specs {
-        assert_eq!(d.outputs[&id], solo(prompt(id as u32, len), gen), "seq {id}");
+        assert_eq!(
+            d.outputs[&id],
+            solo(prompt(id as u32, len), gen),
+            "seq {id}"
+        );
     }
     assert_eq!(d.sched.num_free_blocks(), 20);
 }
 
 #[test]
 fn preempts_the_youngest() {
-    let config = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 };
+    let config = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+    };
     let mut d = Driver::new(4, 4, config);
     d.add(1, prompt(1, 4), 100);
     d.add(2, prompt(2, 4), 100);
@@ -228,12 +265,23 @@ fn forked_sequences_share_the_prompt_kv() {
         *d.budget.get_mut(&seq).unwrap() -= 1;
     }
     let next = d.sched.schedule();
-    assert_eq!(next.copies.len(), 6, "three prompt blocks copied per child: {:?}", next.copies);
-    assert!(next.chunks.iter().all(|c| c.tokens.len() == 1), "children do not recompute the prompt");
+    assert_eq!(
+        next.copies.len(),
+        6,
+        "three prompt blocks copied per child: {:?}",
+        next.copies
+    );
+    assert!(
+        next.chunks.iter().all(|c| c.tokens.len() == 1),
+        "children do not recompute the prompt"
+    );
     let sampled = d.model.step(&next);
     for c in &next.chunks {
         d.sched.mark_computed(c.seq, 1);
     }
     let toks: Vec<u32> = sampled.iter().map(|s| s.1).collect();
-    assert!(toks.windows(2).all(|w| w[0] == w[1]), "same context gives the same next token");
+    assert!(
+        toks.windows(2).all(|w| w[0] == w[1]),
+        "same context gives the same next token"
+    );
 }

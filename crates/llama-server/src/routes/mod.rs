@@ -31,11 +31,13 @@ pub fn router(state: AppState) -> Router {
     // Probes stay open: orchestrators do not carry API keys.
     let public = Router::new()
         .route("/health", get(health::health))
-        .route("/ready", get(health::ready));
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(crate::metrics::metrics));
     public
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(crate::metrics::track_requests))
         .with_state(state)
 }
 

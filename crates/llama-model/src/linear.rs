@@ -17,6 +17,9 @@ impl Linear {
     /// `x: [tokens, in] -> [tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Linear::Dense(w) if crate::cpu_matmul::applies(x, w) => {
+                crate::cpu_matmul::matmul_t(x, w)
+            }
             Linear::Dense(w) => x.matmul(&w.t()?),
         }
     }

@@ -34,8 +34,14 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// `LLAMA_TEST_DEVICE=cuda` runs the parity tests on a GPU (scripts/gpu-run.sh does).
+fn device() -> Device {
+    let spec = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    spec.parse::<llama_model::DeviceSpec>().unwrap().open().unwrap()
+}
+
 fn load() -> LlamaModel {
-    LlamaModel::load(&model_dir(), &Device::Cpu, ModelOptions::default()).unwrap()
+    LlamaModel::load(&model_dir(), &device(), ModelOptions::default()).unwrap()
 }
 
 fn cache(model: &LlamaModel) -> (KvCache, BlockAllocator) {
@@ -342,8 +348,8 @@ fn chunked_prefill_gives_the_same_logits() {
 #[test]
 fn random_weights_run_and_are_seeded() {
     let cfg = llama_model::ModelShape::Tiny.config();
-    let a = LlamaModel::random(cfg.clone(), 7, &Device::Cpu, ModelOptions::default()).unwrap();
-    let b = LlamaModel::random(cfg, 7, &Device::Cpu, ModelOptions::default()).unwrap();
+    let a = LlamaModel::random(cfg.clone(), 7, &device(), ModelOptions::default()).unwrap();
+    let b = LlamaModel::random(cfg, 7, &device(), ModelOptions::default()).unwrap();
     let (kv, mut alloc) = cache(&a);
     let mut s1 = Seq::new(vec![1, 2, 3, 4]);
     let r1 = step(&a, &kv, &mut alloc, &mut [&mut s1], usize::MAX);

@@ -156,6 +156,7 @@ struct RequestState {
     /// The sequence that runs the shared prompt; the other choices fork from it.
     parent: SeqId,
     admitted: bool,
+    queue_time: std::time::Duration,
     /// Choices not yet forked from the parent (n > 1).
     pending_forks: usize,
     live_seqs: Vec<SeqId>,
@@ -294,6 +295,7 @@ impl Engine {
                 submitted_at,
                 parent: seq_id,
                 admitted: false,
+                queue_time: std::time::Duration::ZERO,
                 pending_forks: n - 1,
                 live_seqs: vec![seq_id],
                 request,
@@ -373,6 +375,7 @@ impl Engine {
             };
             if !r.admitted {
                 r.admitted = true;
+                r.queue_time = r.submitted_at.elapsed();
                 self.shared.stats.waiting.fetch_sub(1, Ordering::AcqRel);
                 self.shared
                     .stats
@@ -486,6 +489,7 @@ impl Engine {
         let usage = Usage {
             prompt_tokens: st.prompt_len,
             completion_tokens: st.generated,
+            queue_time: r.queue_time,
         };
         self.shared
             .stats

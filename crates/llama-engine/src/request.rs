@@ -115,6 +115,8 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// From submission until the request's first step (queueing, for metrics).
+    pub queue_time: std::time::Duration,
 }
 
 /// A token's log-probability and its text (lossy for byte-fallback pieces).

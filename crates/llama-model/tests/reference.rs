@@ -37,7 +37,10 @@ fn floats(v: &Value) -> Vec<f32> {
 /// `LLAMA_TEST_DEVICE=cuda` runs the parity tests on a GPU (scripts/gpu-run.sh does).
 fn device() -> Device {
     let spec = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    spec.parse::<llama_model::DeviceSpec>().unwrap().open().unwrap()
+    spec.parse::<llama_model::DeviceSpec>()
+        .unwrap()
+        .open()
+        .unwrap()
 }
 
 fn load() -> LlamaModel {

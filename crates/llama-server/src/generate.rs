@@ -24,6 +24,8 @@ pub enum ChoiceEvent {
         index: usize,
         finish_reason: FinishReason,
         completion_tokens: usize,
+        /// Set on one choice per engine request: how long it queued.
+        queue_time: Option<std::time::Duration>,
     },
 }
 
@@ -107,6 +109,7 @@ fn renumber(event: StreamEvent, offset: usize) -> ChoiceEvent {
             index: offset + index,
             finish_reason,
             completion_tokens: usage.completion_tokens,
+            queue_time: (index == 0).then_some(usage.queue_time),
         },
     }
 }
@@ -150,6 +153,7 @@ pub async fn collect(
                 index,
                 finish_reason,
                 completion_tokens,
+                ..
             } => {
                 let choice = choices.get_mut(index).ok_or_else(|| {
                     ApiError::internal(format!("engine sent choice {index} of {num_choices}"))

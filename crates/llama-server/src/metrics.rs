@@ -80,19 +80,25 @@ pub fn global() -> &'static Metrics {
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
         .expect("valid histogram");
-    registry.register(Box::new(h.clone())).expect("unique metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
     h
 }
 
 fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid gauge");
-    registry.register(Box::new(g.clone())).expect("unique metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
     g
 }
 
 fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid counter");
-    registry.register(Box::new(c.clone())).expect("unique metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
     c
 }
 
@@ -107,7 +113,8 @@ impl Metrics {
             &["endpoint", "status"],
         )
         .expect("valid counter");
-        r.register(Box::new(requests.clone())).expect("unique metric");
+        r.register(Box::new(requests.clone()))
+            .expect("unique metric");
         let engine_requests = IntCounterVec::new(
             Opts::new(
                 "llama_serve_engine_requests_total",
@@ -116,13 +123,15 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid counter");
-        r.register(Box::new(engine_requests.clone())).expect("unique metric");
+        r.register(Box::new(engine_requests.clone()))
+            .expect("unique metric");
         let kv_usage = prometheus::Gauge::new(
             "llama_serve_kv_cache_usage_ratio",
             "Fraction of KV cache blocks in use (0 to 1).",
         )
         .expect("valid gauge");
-        r.register(Box::new(kv_usage.clone())).expect("unique metric");
+        r.register(Box::new(kv_usage.clone()))
+            .expect("unique metric");
         Self {
             time_to_first_token: histogram(
                 &r,
@@ -267,6 +276,10 @@ impl Stream for Timed {
                     m.inter_token_latency.observe((now - prev).as_secs_f64());
                 }
             }
+            Poll::Ready(Some(Ok(ChoiceEvent::Done {
+                queue_time: Some(q),
+                ..
+            }))) => m.queue_time.observe(q.as_secs_f64()),
             Poll::Ready(Some(Err(_))) => this.done = true,
             Poll::Ready(None) if !this.done => {
                 this.done = true;

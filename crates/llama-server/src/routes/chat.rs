@@ -399,6 +399,7 @@ impl ChunkFormatter for ChatFormatter {
                 index,
                 finish_reason,
                 completion_tokens,
+                ..
             } => {
                 self.completion_tokens += completion_tokens;
                 vec![sse::data(&self.chunk(

@@ -340,6 +340,7 @@ impl ChunkFormatter for CompletionFormatter {
                 index,
                 finish_reason,
                 completion_tokens,
+                ..
             } => {
                 self.completion_tokens += completion_tokens;
                 vec![sse::data(&self.chunk(

@@ -134,6 +134,7 @@ impl Backend for FakeBackend {
                     usage: Usage {
                         prompt_tokens,
                         completion_tokens: request.stop.max_tokens,
+                        ..Default::default()
                     },
                 }));
             }

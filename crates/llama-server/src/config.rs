@@ -75,25 +75,9 @@ impl Default for ServerConfig {
 
 /// `2097152`, `2MiB`, `512KiB`, `1MB`.
 pub fn parse_size(text: &str) -> anyhow::Result<usize> {
-    let t = text.trim().to_ascii_lowercase().replace([' ', '_'], "");
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .with_context(|| format!("`{text}` is not a size like 2MiB"))?;
-    let scale = match unit {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => 1024.0 * 1024.0,
-        "g" | "gb" => 1e9,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => bail!("`{text}`: unknown size unit `{unit}`"),
-    };
-    Ok((value * scale) as usize)
+    llama_model::kv::parse_byte_size(text)
+        .map(|b| b as usize)
+        .map_err(anyhow::Error::msg)
 }
 
 fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {

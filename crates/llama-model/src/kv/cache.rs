@@ -23,33 +23,44 @@ impl fmt::Display for KvBudget {
     }
 }
 
+/// `2097152`, `2MiB`, `512KiB`, `1MB`, `4G`: a byte count with an optional unit.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase().replace([' ', '_'], "");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 4GiB or 512MiB"))?;
+    let scale: f64 = match unit {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}`")),
+    };
+    Ok((value * scale) as u64)
+}
+
 impl FromStr for KvBudget {
     type Err = String;
 
-    /// `4GiB`, `512MiB`, `2G`, `1000000` (bytes), or `8192tokens` / `8192tok`.
+    /// A byte size (see [`parse_byte_size`]) or a token count: `8192tokens` / `8192tok`.
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim().to_ascii_lowercase().replace([' ', '_'], "");
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a size like 4GiB, 512MiB or 8192tokens"))?;
-        if unit.starts_with("tok") {
-            return Ok(KvBudget::Tokens(value as usize));
+        if let Some(num) = t.strip_suffix("tokens").or_else(|| t.strip_suffix("tok")) {
+            let tokens: usize = num
+                .parse()
+                .map_err(|_| format!("`{s}` is not a token count like 8192tokens"))?;
+            return Ok(KvBudget::Tokens(tokens));
         }
-        let scale: f64 = match unit {
-            "" | "b" => 1.0,
-            "k" | "kb" => 1e3,
-            "kib" => 1024.0,
-            "m" | "mb" => 1e6,
-            "mib" => 1024.0 * 1024.0,
-            "g" | "gb" => 1e9,
-            "gib" => 1024.0 * 1024.0 * 1024.0,
-            _ => return Err(format!("`{s}`: unknown unit `{unit}`")),
-        };
-        Ok(KvBudget::Bytes((value * scale) as u64))
+        parse_byte_size(s)
+            .map(KvBudget::Bytes)
+            .map_err(|e| format!("{e} (or a token count like 8192tokens)"))
     }
 }
 

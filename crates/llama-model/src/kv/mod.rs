@@ -4,7 +4,7 @@ mod blocks;
 mod cache;
 
 pub use blocks::{BlockAllocator, BlockTable};
-pub use cache::{KvBudget, KvCache, KvCacheSpec};
+pub use cache::{parse_byte_size, KvBudget, KvCache, KvCacheSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {

@@ -3,6 +3,7 @@
 -- Usage: wrk -t2 -c16 -d20s --latency -s scripts/bench/completions.lua http://127.0.0.1:8000
 local max_tokens = tonumber(os.getenv("MAX_TOKENS") or "16")
 wrk.method = "POST"
+wrk.path = "/v1/completions"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = string.format(
   '{"model":"tiny-llama","prompt":"The quick brown fox jumps over the lazy dog. Once upon a time","max_tokens":%d,"temperature":0,"ignore_eos":true}',

@@ -13,7 +13,7 @@ trap 'kill $PID 2>/dev/null' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null && break; sleep 0.2; done
 for c in 1 16 64; do
   echo "== concurrency $c, max_tokens 16 =="
-  MAX_TOKENS=16 wrk -t2 -c$c -d${DURATION:-15s} -s scripts/bench/completions.lua "http://127.0.0.1:$PORT" | tail -1
+  MAX_TOKENS=16 wrk -t$(( c < 2 ? 1 : 2 )) -c$c -d${DURATION:-15s} -s scripts/bench/completions.lua "http://127.0.0.1:$PORT" | tail -1
 done
 echo "== concurrency 64, max_tokens 1 (HTTP layer + one step per request) =="
 MAX_TOKENS=1 wrk -t2 -c64 -d${DURATION:-15s} -s scripts/bench/completions.lua "http://127.0.0.1:$PORT" | tail -1

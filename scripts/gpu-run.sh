@@ -18,7 +18,8 @@ mkdir -p "$OUT"
 
 if [ "${1:-}" = "--pack" ]; then
   mkdir -p "$CARRY"
-  for bin in llama-bench llama-serve; do
+  for bin in llama-bench engine-bench; do
+    [ -x "target/cuda/release/$bin" ] || continue
     cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -9e -f "$CARRY/$bin"
   done
   # The parity tests, built with: cargo test --release --features cuda -p llama-model --test reference --no-run --target-dir target/cuda

@@ -9,8 +9,11 @@
 pub mod attention;
 pub mod config;
 mod cpu_matmul;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod device;
 pub mod error;
+pub mod fused;
 pub mod kv;
 pub mod linear;
 pub mod loader;

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::attention::{self, AttentionImpl, AttentionMeta, SeqAttention};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::fused;
 use crate::kv::{BlockTable, KvCache};
 use crate::loader::SafetensorsWeights;
 use crate::rope::RopeTables;
@@ -226,45 +227,37 @@ impl LlamaModel {
 
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let pos = Tensor::from_vec(positions, n, &self.device)?;
-        let (cos, sin) = self.rope.gather(&pos)?;
+        let step_rope = fused::StepRope::new(&self.rope, &pos, &meta)?;
         let eps = cfg.rms_norm_eps as f32;
-        let q_width = h * d;
-        let kv_width = kvh * d;
+        let layers = &self.weights.layers;
 
+        // The residual stream `x` and the next sublayer's normed input travel
+        // together: each residual add is fused with the norm that follows it.
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [n, hidden]
-        for (layer_idx, layer) in self.weights.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+        let mut normed = candle_nn::ops::rms_norm(&x, &layers[0].input_norm, eps)?;
+        for (layer_idx, layer) in layers.iter().enumerate() {
             let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2 kvh) d]
-            let q = qkv
-                .narrow(1, 0, q_width)?
-                .contiguous()?
-                .reshape((1, n, h, d))?;
-            let k = qkv
-                .narrow(1, q_width, kv_width)?
-                .contiguous()?
-                .reshape((1, n, kvh, d))?;
-            let v = qkv
-                .narrow(1, q_width + kv_width, kv_width)?
-                .reshape((n, kvh, d))?;
-            let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.reshape((n, h, d))?;
-            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.reshape((n, kvh, d))?;
-            let (k_cache, v_cache) = kv.layer(layer_idx);
-            attention::write_kv(k_cache, v_cache, &k, &v, &meta)?;
+            let caches = kv.layer(layer_idx);
+            let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, &meta)?;
             let attn =
-                attention::paged_attention(&q, k_cache, v_cache, &meta)?.reshape((n, q_width))?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let gate_up = layer.gate_up.forward(&normed)?;
-            let act = candle_nn::ops::swiglu(&gate_up)?;
-            x = (x + layer.down.forward(&act)?)?;
+                attention::paged_attention(&q, caches.0, caches.1, &meta)?.reshape((n, h * d))?;
+            let attn_out = layer.o.forward(&attn)?;
+            (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, &meta)?;
+            let act = fused::swiglu(&layer.gate_up.forward(&normed)?, &meta)?;
+            let mlp_out = layer.down.forward(&act)?;
+            let next_norm = match layers.get(layer_idx + 1) {
+                Some(next) => &next.input_norm,
+                None => &self.weights.norm,
+            };
+            (x, normed) = fused::add_rms_norm(&x, &mlp_out, next_norm, eps, &meta)?;
         }
+        drop(x);
         let num_rows = rows.len();
         let x = if num_rows == n {
-            x
+            normed
         } else {
-            x.index_select(&Tensor::from_vec(rows, num_rows, &self.device)?, 0)?
+            normed.index_select(&Tensor::from_vec(rows, num_rows, &self.device)?, 0)?
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.weights.norm, eps)?;
         let values = self.weights.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(Logits {
             values,

@@ -1,10 +1,11 @@
 //! Paged attention: writing a step's keys/values into the block pool and
 //! attending each query token to its own sequence's cached keys/values.
 //!
-//! Two implementations sit behind [`write_kv`] and [`paged_attention`]: a
-//! fused CPU kernel (custom Candle ops reading the block tables directly) and
-//! a plain-Candle path (gather + matmul) that runs on any device. The second
-//! is the reference the fused kernels are tested against.
+//! Three implementations sit behind [`write_kv`] and [`paged_attention`]: a
+//! fused CPU kernel (custom Candle ops reading the block tables directly), a
+//! CUDA kernel (one launch for every token of the step, `kernels/llama.cu`)
+//! and a plain-Candle path (gather + matmul) that runs on any device. The
+//! last is the reference the fused kernels are tested against.
 
 mod cpu;
 mod generic;
@@ -18,7 +19,9 @@ use crate::error::Result;
 pub enum AttentionImpl {
     #[default]
     Auto,
-    /// Gather + matmul with Candle ops only.
+    /// Plain Candle ops only: gather + matmul attention, and no fused CUDA
+    /// kernels for norms, RoPE or SwiGLU either. The reference, and the
+    /// "before" of every fused-kernel benchmark.
     Generic,
 }
 
@@ -52,6 +55,9 @@ pub struct AttentionMeta {
     pub imp: AttentionImpl,
     /// `[tokens, kv_width]` copies of the slots, for the generic scatter; built lazily once per step.
     scatter_index: std::sync::OnceLock<Tensor>,
+    /// The step's metadata on the CUDA device, uploaded once for all layers.
+    #[cfg(feature = "cuda")]
+    cuda_meta: std::sync::OnceLock<crate::cuda_kernels::StepMeta>,
 }
 
 impl AttentionMeta {
@@ -80,6 +86,8 @@ impl AttentionMeta {
             scale: 1.0 / (head_dim as f32).sqrt(),
             imp,
             scatter_index: std::sync::OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            cuda_meta: std::sync::OnceLock::new(),
         }
     }
 
@@ -89,6 +97,35 @@ impl AttentionMeta {
 
     fn use_fused(&self, device: &Device) -> bool {
         self.imp == AttentionImpl::Auto && device.is_cpu()
+    }
+
+    /// Whether this step runs the fused CUDA kernels (attention, RoPE + cache
+    /// write, add + RMSNorm, SwiGLU).
+    pub fn use_cuda_kernels(&self, device: &Device) -> bool {
+        cfg!(feature = "cuda") && self.imp == AttentionImpl::Auto && device.is_cuda()
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_meta(&self, device: &Device) -> Result<&crate::cuda_kernels::StepMeta> {
+        if let Some(m) = self.cuda_meta.get() {
+            return Ok(m);
+        }
+        let n = self.num_tokens();
+        let mut positions = Vec::with_capacity(n);
+        let mut tok_seq = Vec::with_capacity(n);
+        for (i, s) in self.seqs.iter().enumerate() {
+            positions.extend((s.start_pos..s.context_len()).map(|p| p as u32));
+            tok_seq.extend(std::iter::repeat_n(i as u32, s.q_len));
+        }
+        let tables: Vec<&[u32]> = self.seqs.iter().map(|s| s.blocks.as_slice()).collect();
+        let m = crate::cuda_kernels::StepMeta::new(
+            &positions,
+            &self.slot_mapping,
+            &tok_seq,
+            &tables,
+            device,
+        )?;
+        Ok(self.cuda_meta.get_or_init(|| m))
     }
 
     fn scatter_index(&self, device: &Device) -> Result<&Tensor> {
@@ -126,6 +163,18 @@ pub fn paged_attention(
     v_cache: &Tensor,
     meta: &AttentionMeta,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if meta.use_cuda_kernels(q.device()) {
+        let step = meta.cuda_meta(q.device())?;
+        return Ok(crate::cuda_kernels::paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            step,
+            meta.block_size,
+            meta.scale,
+        )?);
+    }
     if meta.use_fused(q.device()) {
         cpu::paged_attention(q, k_cache, v_cache, meta)
     } else {

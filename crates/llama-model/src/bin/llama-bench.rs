@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_model::{
-    resolve_shape, BatchInput, BlockTable, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec,
-    LlamaModel, ModelOptions, SeqChunk,
+    resolve_shape, AttentionImpl, BatchInput, BlockTable, DTypeSpec, DeviceSpec, KvBudget,
+    KvCacheSpec, LlamaModel, ModelOptions, SeqChunk,
 };
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,10 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Fused kernels (`auto`) or plain Candle ops only (`generic`), to measure
+    /// the kernels' gain in one run.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "generic"])]
+    kernels: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -73,7 +77,11 @@ fn main() -> Result<()> {
     let dtype = args.dtype.parse::<DTypeSpec>()?;
     let options = ModelOptions {
         dtype: dtype.dtype(),
-        ..Default::default()
+        attention: if args.kernels == "generic" {
+            AttentionImpl::Generic
+        } else {
+            AttentionImpl::Auto
+        },
     };
     let (model, shape_name) = match (&args.random_weights, &args.model) {
         (Some(shape), None) => {
@@ -217,6 +225,7 @@ fn main() -> Result<()> {
             .collect();
         let out = serde_json::json!({
             "device": args.device,
+            "kernels": args.kernels,
             "dtype": dtype.to_string(),
             "shape": shape_name,
             "parameters": cfg.num_parameters(),

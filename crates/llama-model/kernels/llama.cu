@@ -1,0 +1,312 @@
+// Fused CUDA kernels of the Llama forward pass. Built to PTX by build.rs
+// (cuda feature only) and launched from src/cuda/mod.rs.
+//
+// Every kernel reads and writes the storage dtype (f32, f16, bf16) and
+// computes in f32. Each is instantiated once per dtype with a suffix.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// ---------------------------------------------------------------------------
+// RoPE on q and k straight out of the fused QKV projection, k and v written
+// into the paged cache, rotated q written out: one launch instead of two
+// narrows, two copies, two rope calls and two scatters.
+//
+// qkv:   [n, (h + 2 kvh) * d]     rows of the QKV projection
+// cos/sin: [max_pos, d / 2]       rotate-half tables (Hugging Face layout)
+// pos:   [n] u32                  position of each token
+// slots: [n] u32                  cache slot (block * block_size + offset)
+// q_out: [n, h, d]
+// k_cache, v_cache: [slots, kvh, d]
+// grid: n blocks; threads stride over the (h + kvh) * d/2 pairs, then kvh * d values.
+template <typename T>
+__device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ cos_t,
+                              const T* __restrict__ sin_t, const uint32_t* __restrict__ pos,
+                              const uint32_t* __restrict__ slots, T* __restrict__ q_out,
+                              T* __restrict__ k_cache, T* __restrict__ v_cache, int h, int kvh,
+                              int d) {
+    const int t = blockIdx.x;
+    const int half = d / 2;
+    const int width = (h + 2 * kvh) * d;
+    const T* row = qkv + (size_t)t * width;
+    const T* c = cos_t + (size_t)pos[t] * half;
+    const T* s = sin_t + (size_t)pos[t] * half;
+    const size_t slot = slots[t];
+    const int pairs = (h + kvh) * half;
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int head = i / half;
+        const int j = i % half;
+        const T* x = row + head * d;
+        const float x1 = to_f32(x[j]);
+        const float x2 = to_f32(x[j + half]);
+        // Rounded like candle's rope: the table values are in the storage dtype.
+        const float cj = to_f32(c[j]);
+        const float sj = to_f32(s[j]);
+        const float o1 = x1 * cj - x2 * sj;
+        const float o2 = x2 * cj + x1 * sj;
+        T* dst;
+        if (head < h) {
+            dst = q_out + ((size_t)t * h + head) * d;
+        } else {
+            dst = k_cache + (slot * kvh + (head - h)) * d;
+        }
+        dst[j] = from_f32<T>(o1);
+        dst[j + half] = from_f32<T>(o2);
+    }
+    const T* v = row + (h + kvh) * d;
+    T* vdst = v_cache + slot * kvh * d;
+    for (int i = threadIdx.x; i < kvh * d; i += blockDim.x) vdst[i] = v[i];
+}
+
+// ---------------------------------------------------------------------------
+// Paged attention over the block tables, for decode and prefill alike: one
+// thread block per (query token, kv head), serving the `group` query heads of
+// that kv head, so each key/value row is read once per group (GQA).
+// The context is split among the warps; each warp keeps an online softmax
+// (running max, sum, f32 accumulator) and the warps are merged at the end,
+// so no [heads, T, T] matrix is ever stored.
+//
+// q:      [n, h, d]
+// k/v:    [num_blocks * block_size, kvh, d]
+// tok_pos:  [n] u32     the token's position; it sees keys 0..=pos (causal)
+// tok_seq:  [n] u32     row of its sequence in block_tables
+// block_tables: [num_seqs, max_blocks] u32
+// out:    [n, h, d]
+// Launch: grid (n, kvh), block ATTN_WARPS * 32 threads,
+// dynamic shared memory: (group * d) + ATTN_WARPS * group * (d + 2) floats.
+#define ATTN_WARPS 4
+#define MAX_DPL 8   // head_dim up to 256: 8 dims per lane
+#define MAX_GROUP 8
+
+template <typename T>
+__device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_cache,
+                                const T* __restrict__ v_cache,
+                                const uint32_t* __restrict__ tok_pos,
+                                const uint32_t* __restrict__ tok_seq,
+                                const uint32_t* __restrict__ block_tables, T* __restrict__ out,
+                                int h, int kvh, int d, int block_size, int max_blocks,
+                                float scale) {
+    extern __shared__ float smem[];
+    const int t = blockIdx.x;
+    const int kv_head = blockIdx.y;
+    const int group = h / kvh;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int ctx = (int)tok_pos[t] + 1;
+    const uint32_t* table = block_tables + (size_t)tok_seq[t] * max_blocks;
+
+    // Scaled queries of the group, in f32.
+    float* qs = smem;  // [group, d]
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) {
+        const int g = i / d;
+        qs[i] = to_f32(q[((size_t)t * h + kv_head * group + g) * d + (i % d)]) * scale;
+    }
+    __syncthreads();
+
+    float m[MAX_GROUP];
+    float l[MAX_GROUP];
+    float acc[MAX_GROUP][MAX_DPL];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; ++i) acc[g][i] = 0.f;
+    }
+
+    const size_t row_stride = (size_t)kvh * d;
+    // Warp w takes keys [32 * (w + ATTN_WARPS * c), +32) for c = 0, 1, ...
+    for (int base = warp * 32; base < ctx; base += ATTN_WARPS * 32) {
+        const int key = base + lane;
+        const bool valid = key < ctx;
+        size_t slot = 0;
+        if (valid) slot = (size_t)table[key / block_size] * block_size + key % block_size;
+        const T* krow = k_cache + slot * row_stride + (size_t)kv_head * d;
+        float score[MAX_GROUP];
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) score[g] = 0.f;
+        if (valid) {
+            for (int i = 0; i < d; ++i) {
+                const float kv = to_f32(krow[i]);
+#pragma unroll
+                for (int g = 0; g < MAX_GROUP; ++g)
+                    if (g < group) score[g] += qs[g * d + i] * kv;
+            }
+        }
+        const int n_keys = min(32, ctx - base);
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g) {
+            if (g >= group) break;
+            const float s = valid ? score[g] : -INFINITY;
+            const float m_new = fmaxf(m[g], warp_max(s));
+            const float correction = __expf(m[g] - m_new);
+            const float p = valid ? __expf(s - m_new) : 0.f;
+            l[g] = l[g] * correction + warp_sum(p);
+            m[g] = m_new;
+#pragma unroll
+            for (int i = 0; i < MAX_DPL; ++i) acc[g][i] *= correction;
+            score[g] = p;
+        }
+        // acc[dim] += sum_j p_j v_j[dim]; lanes split the dims so each V row read is coalesced.
+        for (int j = 0; j < n_keys; ++j) {
+            const int kj = base + j;
+            const size_t sj = (size_t)table[kj / block_size] * block_size + kj % block_size;
+            const T* vrow = v_cache + sj * row_stride + (size_t)kv_head * d;
+            float vv[MAX_DPL];
+#pragma unroll
+            for (int i = 0; i < MAX_DPL; ++i) {
+                const int dim = lane + 32 * i;
+                vv[i] = dim < d ? to_f32(vrow[dim]) : 0.f;
+            }
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; ++g) {
+                if (g >= group) break;
+                const float p = __shfl_sync(0xffffffffu, score[g], j);
+#pragma unroll
+                for (int i = 0; i < MAX_DPL; ++i) acc[g][i] += p * vv[i];
+            }
+        }
+    }
+
+    // Merge the warps: per warp and group, m, l and acc[d] go to shared memory.
+    float* wstate = smem + group * d;  // [ATTN_WARPS, group, d + 2]
+    const int stride = d + 2;
+    // Unrolled with constant indices so acc stays in registers.
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) {
+        if (g >= group) break;
+        float* ws = wstate + (warp * group + g) * stride;
+        if (lane == 0) {
+            ws[0] = m[g];
+            ws[1] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; ++i) {
+            const int dim = lane + 32 * i;
+            if (dim < d) ws[2 + dim] = acc[g][i];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) {
+        const int g = i / d;
+        const int dim = i % d;
+        float m_all = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; ++w) m_all = fmaxf(m_all, wstate[(w * group + g) * stride]);
+        float l_all = 0.f, o = 0.f;
+        for (int w = 0; w < ATTN_WARPS; ++w) {
+            const float* ws = wstate + (w * group + g) * stride;
+            if (ws[0] == -INFINITY) continue;  // this warp saw no keys
+            const float f = __expf(ws[0] - m_all);
+            l_all += ws[1] * f;
+            o += ws[2 + dim] * f;
+        }
+        out[((size_t)t * h + kv_head * group + g) * d + dim] = from_f32<T>(o / l_all);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Residual add + RMSNorm in one pass: out[0] = x + delta (the new residual
+// stream), out[1] = rmsnorm(out[0]) * weight.
+// grid: rows; block: up to 1024 threads striding over the hidden size.
+template <typename T>
+__device__ void add_rms_norm(const T* __restrict__ x, const T* __restrict__ delta,
+                             const T* __restrict__ weight, T* __restrict__ out, int rows,
+                             int hidden, float eps) {
+    __shared__ float partial[32];
+    const int r = blockIdx.x;
+    const T* xr = x + (size_t)r * hidden;
+    const T* dr = delta + (size_t)r * hidden;
+    T* sum_out = out + (size_t)r * hidden;
+    T* norm_out = out + ((size_t)rows + r) * hidden;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = to_f32(xr[i]) + to_f32(dr[i]);
+        // The residual stream is stored in T, so normalise the rounded value, as
+        // a separate add then rms_norm would.
+        const T stored = from_f32<T>(v);
+        sum_out[i] = stored;
+        const float vs = to_f32(stored);
+        ss += vs * vs;
+    }
+    ss = warp_sum(ss);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int nw = (blockDim.x + 31) / 32;
+        float v = threadIdx.x < nw ? partial[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(partial[0] / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        norm_out[i] = from_f32<T>(to_f32(sum_out[i]) * inv * to_f32(weight[i]));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SwiGLU over the fused gate/up projection: [rows, 2 * inter] -> [rows, inter],
+// silu(gate) * up.
+template <typename T>
+__device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int rows,
+                       int inter) {
+    const size_t total = (size_t)rows * inter;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / inter;
+        const size_t c = i % inter;
+        const float g = to_f32(gate_up[r * 2 * inter + c]);
+        const float u = to_f32(gate_up[r * 2 * inter + inter + c]);
+        out[i] = from_f32<T>(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                   \
+    extern "C" __global__ void rope_write_kv_##SUFFIX(                                           \
+        const T* qkv, const T* cos_t, const T* sin_t, const uint32_t* pos,                       \
+        const uint32_t* slots, T* q_out, T* k_cache, T* v_cache, int h, int kvh, int d) {        \
+        rope_write_kv<T>(qkv, cos_t, sin_t, pos, slots, q_out, k_cache, v_cache, h, kvh, d);     \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_##SUFFIX(     \
+        const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,                 \
+        const uint32_t* tok_seq, const uint32_t* block_tables, T* out, int h, int kvh, int d,    \
+        int block_size, int max_blocks, float scale) {                                           \
+        paged_attention<T>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, out, h, kvh, d,  \
+                           block_size, max_blocks, scale);                                       \
+    }                                                                                            \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta,                 \
+                                                      const T* weight, T* out, int rows,         \
+                                                      int hidden, float eps) {                   \
+        add_rms_norm<T>(x, delta, weight, out, rows, hidden, eps);                               \
+    }                                                                                            \
+    extern "C" __global__ void swiglu_##SUFFIX(const T* gate_up, T* out, int rows, int inter) {  \
+        swiglu<T>(gate_up, out, rows, inter);                                                    \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__half, f16)
+INSTANTIATE(__nv_bfloat16, bf16)

@@ -1,0 +1,418 @@
+//! Launches of the fused CUDA kernels in `kernels/llama.cu` (PTX built by build.rs).
+//!
+//! Each op is a Candle `CustomOp1` on its main input; the other tensors it
+//! reads (and, for the cache write, writes) ride in the op struct and are
+//! reached through their storage. Everything stays on the device's one stream,
+//! so no synchronisation is needed between these launches and Candle's own.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use half::{bf16, f16};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
+const MODULE: &str = "llama_serve_kernels";
+/// Warps per attention block; must match ATTN_WARPS in llama.cu.
+const ATTN_WARPS: u32 = 4;
+const MAX_HEAD_DIM: usize = 256;
+const MAX_GROUP: usize = 8;
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("fused CUDA kernels support f32, f16 and bf16, not {other:?}"),
+    })
+}
+
+/// A tensor's storage, held read-locked while its device view is in use.
+struct Held<'a>(candle_core::StorageRef<'a>, &'a Layout, &'static str);
+
+impl<'a> Held<'a> {
+    fn new(t: &'a Tensor, what: &'static str) -> Self {
+        let (s, l) = t.storage_and_layout();
+        Held(s, l, what)
+    }
+
+    fn view<T: CudaDType + DeviceRepr>(&self) -> Result<CudaView<'_, T>> {
+        let Storage::Cuda(s) = &*self.0 else {
+            bail!("{} is not on the CUDA device", self.2)
+        };
+        cuda_view(s, self.1, self.2)
+    }
+}
+
+fn cuda_view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{what} must be contiguous")
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn dims_i32(v: &[usize]) -> Vec<i32> {
+    v.iter().map(|&x| x as i32).collect()
+}
+
+/// The per-step metadata the kernels read, packed in one u32 buffer uploaded
+/// once per step: positions, cache slots, each token's sequence row, and the
+/// block tables padded to the longest.
+pub struct StepMeta {
+    pub positions: Tensor,
+    pub slots: Tensor,
+    pub tok_seq: Tensor,
+    pub block_tables: Tensor,
+    pub max_blocks: usize,
+}
+
+impl StepMeta {
+    pub fn new(
+        positions: &[u32],
+        slots: &[u32],
+        tok_seq: &[u32],
+        tables: &[&[u32]],
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let n = positions.len();
+        let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let mut packed = Vec::with_capacity(3 * n + tables.len() * max_blocks);
+        packed.extend_from_slice(positions);
+        packed.extend_from_slice(slots);
+        packed.extend_from_slice(tok_seq);
+        for t in tables {
+            packed.extend_from_slice(t);
+            packed.extend(std::iter::repeat_n(0, max_blocks - t.len()));
+        }
+        let len = packed.len();
+        let all = Tensor::from_vec(packed, len, device)?;
+        Ok(Self {
+            positions: all.narrow(0, 0, n)?,
+            slots: all.narrow(0, n, n)?,
+            tok_seq: all.narrow(0, 2 * n, n)?,
+            block_tables: all.narrow(0, 3 * n, tables.len() * max_blocks)?,
+            max_blocks,
+        })
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $storage:ident, $layout:ident) => {
+        match $storage.dtype() {
+            DType::F32 => $self.run::<f32>($storage, $layout),
+            DType::F16 => $self.run::<f16>($storage, $layout),
+            DType::BF16 => $self.run::<bf16>($storage, $layout),
+            other => bail!("{}: unsupported dtype {other:?}", $self.name()),
+        }
+    };
+}
+
+macro_rules! cuda_op1 {
+    ($ty:ident, $name:literal) => {
+        impl CustomOp1 for $ty<'_> {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &Layout,
+            ) -> Result<(candle_core::CpuStorage, Shape)> {
+                bail!("{} runs on CUDA only", $name)
+            }
+
+            fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+                dispatch!(self, s, l)
+            }
+        }
+    };
+}
+
+/// RoPE on q and k of a fused QKV row, k/v into the cache, rotated q out.
+struct RopeWriteKv<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    meta: &'a StepMeta,
+    k_cache: &'a Tensor,
+    v_cache: &'a Tensor,
+    heads: [usize; 3],
+}
+
+impl RopeWriteKv<'_> {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        qkv: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &qkv.device;
+        let [h, kvh, d] = self.heads;
+        let n = l.dims()[0];
+        let (cos, sin) = (
+            Held::new(self.cos, "rope cos"),
+            Held::new(self.sin, "rope sin"),
+        );
+        let pos = Held::new(&self.meta.positions, "positions");
+        let slots = Held::new(&self.meta.slots, "slots");
+        let (kc, vc) = (
+            Held::new(self.k_cache, "k cache"),
+            Held::new(self.v_cache, "v cache"),
+        );
+        let qkv_v = cuda_view::<T>(qkv, l, "qkv")?;
+        let (cos_v, sin_v) = (cos.view::<T>()?, sin.view::<T>()?);
+        let (pos_v, slots_v) = (pos.view::<u32>()?, slots.view::<u32>()?);
+        let (kc_v, vc_v) = (kc.view::<T>()?, vc.view::<T>()?);
+        let out = unsafe { dev.alloc::<T>(n * h * d)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("rope_write_kv_{}", suffix(qkv.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let dims = dims_i32(&[h, kvh, d]);
+        let mut b = func.builder();
+        b.arg(&qkv_v)
+            .arg(&cos_v)
+            .arg(&sin_v)
+            .arg(&pos_v)
+            .arg(&slots_v);
+        b.arg(&out).arg(&kc_v).arg(&vc_v);
+        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (((h + kvh) * d / 2).clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((n, h, d)),
+        ))
+    }
+}
+cuda_op1!(RopeWriteKv, "llama-rope-write-kv");
+
+/// `qkv: [n, (h + 2 kvh) d]` → rotated `q: [n, h, d]`; k and v land in the caches.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_write_kv(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    meta: &StepMeta,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    heads: [usize; 3],
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1_no_bwd(&RopeWriteKv {
+        cos,
+        sin,
+        meta,
+        k_cache,
+        v_cache,
+        heads,
+    })
+}
+
+/// Paged attention of every token of the step in one launch.
+struct PagedAttention<'a> {
+    meta: &'a StepMeta,
+    k_cache: &'a Tensor,
+    v_cache: &'a Tensor,
+    kv_heads: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+impl PagedAttention<'_> {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        q: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &q.device;
+        let &[n, h, d] = l.dims() else {
+            bail!("paged attention: q must be [tokens, heads, head_dim]")
+        };
+        let kvh = self.kv_heads;
+        let group = h / kvh;
+        if d > MAX_HEAD_DIM || group > MAX_GROUP || h % kvh != 0 {
+            bail!("paged attention kernel: head_dim {d} (max {MAX_HEAD_DIM}), {h} heads over {kvh} kv heads (ratio max {MAX_GROUP})");
+        }
+        let pos = Held::new(&self.meta.positions, "positions");
+        let seq = Held::new(&self.meta.tok_seq, "token sequences");
+        let tables = Held::new(&self.meta.block_tables, "block tables");
+        let (kc, vc) = (
+            Held::new(self.k_cache, "k cache"),
+            Held::new(self.v_cache, "v cache"),
+        );
+        let q_v = cuda_view::<T>(q, l, "q")?;
+        let (pos_v, seq_v, tables_v) = (
+            pos.view::<u32>()?,
+            seq.view::<u32>()?,
+            tables.view::<u32>()?,
+        );
+        let (kc_v, vc_v) = (kc.view::<T>()?, vc.view::<T>()?);
+        let out = unsafe { dev.alloc::<T>(n * h * d)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("paged_attention_{}", suffix(q.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let ints = dims_i32(&[h, kvh, d, self.block_size, self.meta.max_blocks]);
+        let mut b = func.builder();
+        b.arg(&q_v).arg(&kc_v).arg(&vc_v);
+        b.arg(&pos_v).arg(&seq_v).arg(&tables_v).arg(&out);
+        for i in &ints {
+            b.arg(i);
+        }
+        b.arg(&self.scale);
+        let smem_floats = group * d + ATTN_WARPS as usize * group * (d + 2);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, kvh as u32, 1),
+            block_dim: (ATTN_WARPS * 32, 1, 1),
+            shared_mem_bytes: (smem_floats * 4) as u32,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((n, h, d)),
+        ))
+    }
+}
+cuda_op1!(PagedAttention, "llama-paged-attention");
+
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &StepMeta,
+    block_size: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let kv_heads = k_cache.dims()[2];
+    q.contiguous()?.apply_op1_no_bwd(&PagedAttention {
+        meta,
+        k_cache,
+        v_cache,
+        kv_heads,
+        block_size,
+        scale,
+    })
+}
+
+/// `x + delta` and its RMSNorm in one pass, as `[2, rows, hidden]`.
+struct AddRmsNorm<'a> {
+    delta: &'a Tensor,
+    weight: &'a Tensor,
+    eps: f32,
+}
+
+impl AddRmsNorm<'_> {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &x.device;
+        let &[rows, hidden] = l.dims() else {
+            bail!("add_rms_norm: x must be [rows, hidden]")
+        };
+        let delta = Held::new(self.delta, "residual delta");
+        let weight = Held::new(self.weight, "norm weight");
+        let x_v = cuda_view::<T>(x, l, "x")?;
+        let (delta_v, weight_v) = (delta.view::<T>()?, weight.view::<T>()?);
+        let out = unsafe { dev.alloc::<T>(2 * rows * hidden)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("add_rms_norm_{}", suffix(x.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let ints = dims_i32(&[rows, hidden]);
+        let mut b = func.builder();
+        b.arg(&x_v).arg(&delta_v).arg(&weight_v).arg(&out);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&self.eps);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (hidden.div_ceil(32 * 4).clamp(1, 32) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((2, rows, hidden)),
+        ))
+    }
+}
+cuda_op1!(AddRmsNorm, "llama-add-rms-norm");
+
+/// `(x + delta, rms_norm(x + delta) * weight)`.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    if x.dims() != delta.dims() {
+        bail!(
+            "add_rms_norm: x {:?} and delta {:?} differ",
+            x.dims(),
+            delta.dims()
+        );
+    }
+    let delta = delta.contiguous()?;
+    let both = x.contiguous()?.apply_op1_no_bwd(&AddRmsNorm {
+        delta: &delta,
+        weight,
+        eps,
+    })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct Swiglu<'a>(std::marker::PhantomData<&'a ()>);
+
+impl Swiglu<'_> {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &x.device;
+        let &[rows, width] = l.dims() else {
+            bail!("swiglu: input must be [rows, 2 * intermediate]")
+        };
+        let inter = width / 2;
+        let x_v = cuda_view::<T>(x, l, "gate/up")?;
+        let out = unsafe { dev.alloc::<T>(rows * inter)? };
+        let func =
+            dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(x.dtype())?), MODULE, PTX)?;
+        let ints = dims_i32(&[rows, inter]);
+        let mut b = func.builder();
+        b.arg(&x_v).arg(&out).arg(&ints[0]).arg(&ints[1]);
+        let total = (rows * inter) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).min(65535), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((rows, inter)),
+        ))
+    }
+}
+cuda_op1!(Swiglu, "llama-swiglu");
+
+/// `[rows, 2 * inter]` (gate then up) → `silu(gate) * up`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up
+        .contiguous()?
+        .apply_op1_no_bwd(&Swiglu(std::marker::PhantomData))
+}

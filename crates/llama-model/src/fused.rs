@@ -1,0 +1,106 @@
+//! The per-layer building blocks of the forward pass, each with one entry
+//! point: a fused CUDA kernel where the step runs on CUDA with fused kernels
+//! on, plain Candle (plus the CPU attention kernels) everywhere else. The
+//! forward itself is written once against these.
+
+use candle_core::Tensor;
+
+use crate::attention::{self, AttentionMeta};
+use crate::error::Result;
+use crate::rope::RopeTables;
+
+/// `(x + delta, rms_norm(x + delta) * weight)`: the new residual stream and
+/// the next sublayer's input.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    meta: &AttentionMeta,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if meta.use_cuda_kernels(x.device()) {
+        return Ok(crate::cuda_kernels::add_rms_norm(x, delta, weight, eps)?);
+    }
+    let _ = meta;
+    let sum = (x + delta)?;
+    let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
+}
+
+/// `[rows, 2 * inter]` (gate, then up) → `silu(gate) * up`.
+pub fn swiglu(gate_up: &Tensor, meta: &AttentionMeta) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if meta.use_cuda_kernels(gate_up.device()) {
+        return Ok(crate::cuda_kernels::swiglu(gate_up)?);
+    }
+    let _ = meta;
+    Ok(candle_nn::ops::swiglu(gate_up)?)
+}
+
+/// Rotary-embedded cos/sin rows of the step's positions, for the unfused path
+/// (the CUDA kernel reads the full tables by position instead).
+pub struct StepRope {
+    rows: Option<(Tensor, Tensor)>,
+}
+
+impl StepRope {
+    pub fn new(rope: &RopeTables, positions: &Tensor, meta: &AttentionMeta) -> Result<Self> {
+        let rows = if meta.use_cuda_kernels(positions.device()) {
+            None
+        } else {
+            Some(rope.gather(positions)?)
+        };
+        Ok(Self { rows })
+    }
+}
+
+/// Splits the fused QKV projection `[n, (h + 2 kvh) d]`, applies RoPE to q
+/// and k, writes k and v into this layer's cache, and returns q `[n, h, d]`.
+pub fn rope_and_write_kv(
+    qkv: &Tensor,
+    rope: &RopeTables,
+    step_rope: &StepRope,
+    caches: (&Tensor, &Tensor),
+    meta: &AttentionMeta,
+) -> Result<Tensor> {
+    let (h, kvh, d) = (meta.num_heads, meta.num_kv_heads, meta.head_dim);
+    let (k_cache, v_cache) = caches;
+    let Some((cos, sin)) = &step_rope.rows else {
+        #[cfg(feature = "cuda")]
+        {
+            let step = meta.cuda_meta(qkv.device())?;
+            return Ok(crate::cuda_kernels::rope_write_kv(
+                qkv,
+                &rope.cos,
+                &rope.sin,
+                step,
+                k_cache,
+                v_cache,
+                [h, kvh, d],
+            )?);
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = rope;
+            unreachable!("rope rows are gathered whenever the CUDA kernels are off");
+        }
+    };
+    let n = qkv.dims()[0];
+    let (q_width, kv_width) = (h * d, kvh * d);
+    let q = qkv
+        .narrow(1, 0, q_width)?
+        .contiguous()?
+        .reshape((1, n, h, d))?;
+    let k = qkv
+        .narrow(1, q_width, kv_width)?
+        .contiguous()?
+        .reshape((1, n, kvh, d))?;
+    let v = qkv
+        .narrow(1, q_width + kv_width, kv_width)?
+        .reshape((n, kvh, d))?;
+    let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.reshape((n, h, d))?;
+    let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.reshape((n, kvh, d))?;
+    attention::write_kv(k_cache, v_cache, &k, &v, meta)?;
+    Ok(q)
+}

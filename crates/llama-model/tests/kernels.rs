@@ -1,0 +1,301 @@
+//! The fused kernels against the plain-Candle path, on the device named by
+//! `LLAMA_TEST_DEVICE` (cpu by default; scripts/gpu-run.sh runs them on cuda).
+//! On CPU this checks the CPU attention kernel; on CUDA every kernel of
+//! `kernels/llama.cu`: paged attention, RoPE + cache write, add + RMSNorm, SwiGLU.
+
+use llama_model::attention::{self, AttentionImpl, AttentionMeta, SeqAttention};
+use llama_model::fused;
+use llama_model::rope::RopeTables;
+use llama_model::{
+    resolve_shape, BatchInput, BlockAllocator, BlockTable, DType, Device, KvBudget, KvCacheSpec,
+    LlamaConfig, LlamaModel, ModelOptions, SeqChunk, Tensor,
+};
+
+fn device() -> Device {
+    let spec = std::env::var("LLAMA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    spec.parse::<llama_model::DeviceSpec>()
+        .unwrap()
+        .open()
+        .unwrap()
+}
+
+/// Deterministic values in [-2, 2] that differ from element to element.
+fn wave(shape: &[usize], freq: f64, phase: f64, dtype: DType, dev: &Device) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::arange(0f32, n as f32, &Device::Cpu)
+        .unwrap()
+        .affine(freq, phase)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .affine(2.0, 0.0)
+        .unwrap()
+        .reshape(shape)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖ in f32.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    norm(&(&a - &b).unwrap()) / norm(&b)
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F32 {
+        1e-4
+    } else {
+        1e-2
+    }
+}
+
+const BLOCK_SIZE: usize = 16;
+const NUM_BLOCKS: usize = 64;
+
+/// Sequences as (start_pos, new tokens): decodes, prompt chunks, block
+/// boundaries (15 → 16, 31 → 32) and odd lengths, with block tables that are
+/// not contiguous runs of the pool.
+fn step(chunks: &[(usize, usize)]) -> Vec<SeqAttention> {
+    let mut pool = BlockAllocator::new(NUM_BLOCKS, BLOCK_SIZE).unwrap();
+    let mut seqs = Vec::new();
+    let mut q_start = 0;
+    for &(start_pos, q_len) in chunks {
+        let mut spare = BlockTable::new();
+        pool.ensure_capacity(&mut spare, BLOCK_SIZE).unwrap();
+        let mut t = BlockTable::new();
+        pool.ensure_capacity(&mut t, start_pos + q_len).unwrap();
+        seqs.push(SeqAttention {
+            q_start,
+            q_len,
+            start_pos,
+            blocks: t.blocks().to_vec(),
+        });
+        q_start += q_len;
+    }
+    seqs
+}
+
+const CHUNKS: &[(usize, usize)] = &[
+    (0, 7),
+    (3, 1),
+    (15, 1),
+    (16, 5),
+    (0, 1),
+    (30, 3),
+    (100, 1),
+    (0, 37),
+    (250, 1),
+];
+
+fn shape_cases() -> Vec<(usize, usize, usize)> {
+    // (heads, kv_heads, head_dim): GQA ratios 1, 4, 8 and the head sizes of Llama 2 and the fixture.
+    let mut v = Vec::new();
+    for (h, kv) in [(8, 8), (8, 2), (8, 1)] {
+        for d in [16, 64, 128] {
+            v.push((h, kv, d));
+        }
+    }
+    v
+}
+
+#[test]
+fn paged_attention_matches_the_plain_path() {
+    let dev = device();
+    let seqs = step(CHUNKS);
+    let n: usize = seqs.iter().map(|s| s.q_len).sum();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (h, kvh, d) in shape_cases() {
+            let run = |imp| {
+                let meta = AttentionMeta::new(seqs.clone(), BLOCK_SIZE, h, kvh, d, imp);
+                let cache = [NUM_BLOCKS, BLOCK_SIZE, kvh, d];
+                let k_cache = wave(&cache, 0.37, 0.0, dtype, &dev);
+                let v_cache = wave(&cache, 0.53, 0.4, dtype, &dev);
+                let q = wave(&[n, h, d], 0.11, 0.2, dtype, &dev);
+                let k = wave(&[n, kvh, d], 0.23, 0.9, dtype, &dev);
+                let v = wave(&[n, kvh, d], 0.31, 0.5, dtype, &dev);
+                attention::write_kv(&k_cache, &v_cache, &k, &v, &meta).unwrap();
+                attention::paged_attention(&q, &k_cache, &v_cache, &meta).unwrap()
+            };
+            let rel = rel_err(&run(AttentionImpl::Auto), &run(AttentionImpl::Generic));
+            println!("attention {dtype:?} h={h} kv={kvh} d={d}: rel {rel:.2e}");
+            assert!(
+                rel < tolerance(dtype),
+                "{dtype:?} h={h} kv={kvh} d={d}: {rel}"
+            );
+        }
+    }
+}
+
+fn small_config(h: usize, kvh: usize, d: usize) -> LlamaConfig {
+    let mut cfg = resolve_shape("tiny").unwrap();
+    cfg.num_attention_heads = h;
+    cfg.num_key_value_heads = kvh;
+    cfg.head_dim = d;
+    cfg.hidden_size = h * d;
+    cfg.intermediate_size = 3 * h * d;
+    cfg.max_position_embeddings = 512;
+    cfg
+}
+
+#[test]
+fn rope_and_cache_write_match_the_plain_path() {
+    let dev = device();
+    let seqs = step(CHUNKS);
+    let n: usize = seqs.iter().map(|s| s.q_len).sum();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (h, kvh, d) in shape_cases() {
+            let cfg = small_config(h, kvh, d);
+            let rope = RopeTables::new(&cfg, dtype, &dev).unwrap();
+            let positions: Vec<u32> = seqs
+                .iter()
+                .flat_map(|s| (s.start_pos..s.context_len()).map(|p| p as u32))
+                .collect();
+            let pos = Tensor::from_vec(positions, n, &dev).unwrap();
+            let qkv = wave(&[n, (h + 2 * kvh) * d], 0.19, 0.3, dtype, &dev);
+            let run = |imp| {
+                let meta = AttentionMeta::new(seqs.clone(), BLOCK_SIZE, h, kvh, d, imp);
+                let step_rope = fused::StepRope::new(&rope, &pos, &meta).unwrap();
+                let cache = [NUM_BLOCKS, BLOCK_SIZE, kvh, d];
+                let k_cache = Tensor::zeros(cache.to_vec(), dtype, &dev).unwrap();
+                let v_cache = Tensor::zeros(cache.to_vec(), dtype, &dev).unwrap();
+                let q =
+                    fused::rope_and_write_kv(&qkv, &rope, &step_rope, (&k_cache, &v_cache), &meta)
+                        .unwrap();
+                (q, k_cache, v_cache)
+            };
+            let (q1, k1, v1) = run(AttentionImpl::Auto);
+            let (q2, k2, v2) = run(AttentionImpl::Generic);
+            for (what, a, b) in [
+                ("q", &q1, &q2),
+                ("k cache", &k1, &k2),
+                ("v cache", &v1, &v2),
+            ] {
+                let rel = rel_err(a, b);
+                assert!(
+                    rel < tolerance(dtype),
+                    "{what} {dtype:?} h={h} kv={kvh} d={d}: {rel}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn add_rms_norm_and_swiglu_match_the_plain_path() {
+    let dev = device();
+    let seqs = step(&[(0, 3)]);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (rows, hidden) in [(1, 64), (3, 4096), (37, 768), (5, 5120)] {
+            let x = wave(&[rows, hidden], 0.07, 0.1, dtype, &dev);
+            let delta = wave(&[rows, hidden], 0.13, 0.6, dtype, &dev);
+            let w = wave(&[hidden], 0.29, 0.8, dtype, &dev);
+            let gate_up = wave(&[rows, 2 * hidden], 0.17, 0.2, dtype, &dev);
+            let run = |imp| {
+                let meta = AttentionMeta::new(seqs.clone(), BLOCK_SIZE, 1, 1, 16, imp);
+                let (sum, normed) = fused::add_rms_norm(&x, &delta, &w, 1e-5, &meta).unwrap();
+                let act = fused::swiglu(&gate_up, &meta).unwrap();
+                (sum, normed, act)
+            };
+            let (s1, n1, a1) = run(AttentionImpl::Auto);
+            let (s2, n2, a2) = run(AttentionImpl::Generic);
+            for (what, a, b) in [("sum", &s1, &s2), ("norm", &n1, &n2), ("swiglu", &a1, &a2)] {
+                let rel = rel_err(a, b);
+                assert!(
+                    rel < tolerance(dtype),
+                    "{what} {dtype:?} {rows}x{hidden}: {rel}"
+                );
+            }
+        }
+    }
+}
+
+/// The whole forward, fused kernels on vs off, on a mixed step of prompt
+/// chunks and decodes, for GQA ratios 1, 4 and 8.
+#[test]
+fn forward_with_fused_kernels_matches_the_plain_path() {
+    let dev = device();
+    for dtype in [DType::F32, DType::BF16] {
+        for (h, kvh, d) in [(8, 8, 32), (8, 2, 64), (8, 1, 128)] {
+            let cfg = small_config(h, kvh, d);
+            let opts = ModelOptions {
+                dtype,
+                ..ModelOptions::default()
+            };
+            let mut model = LlamaModel::random(cfg.clone(), 7, &dev, opts).unwrap();
+            let spec = KvCacheSpec {
+                block_size: BLOCK_SIZE,
+                budget: KvBudget::Tokens(NUM_BLOCKS * BLOCK_SIZE),
+            };
+            let prompts: Vec<Vec<u32>> = [5usize, 17, 33, 1]
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    (0..len)
+                        .map(|t| ((t * 31 + i * 7) % 1000 + 3) as u32)
+                        .collect()
+                })
+                .collect();
+            let mut logits = Vec::new();
+            for imp in [AttentionImpl::Auto, AttentionImpl::Generic] {
+                model.set_attention(imp);
+                let kv = model.new_kv_cache(&spec).unwrap();
+                let mut pool = kv.allocator();
+                let mut tables: Vec<BlockTable> =
+                    prompts.iter().map(|_| BlockTable::new()).collect();
+                for (t, p) in tables.iter_mut().zip(&prompts) {
+                    pool.ensure_capacity(t, p.len() + 2).unwrap();
+                }
+                let batch = BatchInput::new(
+                    prompts
+                        .iter()
+                        .zip(&tables)
+                        .map(|(p, t)| SeqChunk {
+                            tokens: p,
+                            start_pos: 0,
+                            block_table: t,
+                            all_logits: false,
+                        })
+                        .collect(),
+                );
+                let first = model.forward(&batch, &kv).unwrap().last().unwrap();
+                let next: Vec<[u32; 1]> = prompts.iter().map(|p| [p[0] + 1]).collect();
+                let batch = BatchInput::new(
+                    next.iter()
+                        .zip(&tables)
+                        .zip(&prompts)
+                        .map(|((tok, t), p)| SeqChunk {
+                            tokens: tok,
+                            start_pos: p.len(),
+                            block_table: t,
+                            all_logits: false,
+                        })
+                        .collect(),
+                );
+                let second = model.forward(&batch, &kv).unwrap().last().unwrap();
+                logits.push((first, second));
+            }
+            let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+            for (what, a, b) in [
+                ("prefill", &logits[0].0, &logits[1].0),
+                ("decode", &logits[0].1, &logits[1].1),
+            ] {
+                let rel = rel_err(a, b);
+                println!("forward {what} {dtype:?} h={h} kv={kvh} d={d}: rel {rel:.2e}");
+                assert!(rel < tol, "{what} {dtype:?} h={h} kv={kvh} d={d}: {rel}");
+            }
+        }
+    }
+}

@@ -206,8 +206,9 @@ impl Engine {
                 continue;
             }
             let t0 = Instant::now();
-            let plan = self.scheduler.schedule();
+            let mut plan = self.scheduler.schedule();
             self.after_schedule(&plan);
+            plan.greedy_only = self.plan_is_greedy(&plan);
             if plan.is_empty() {
                 // Nothing fits right now (e.g. blocks held by forks); yield instead of spinning hot.
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -401,9 +402,13 @@ impl Engine {
             let mut targets = vec![chunk.seq];
             targets.extend(self.fork_choices(chunk.seq));
             for seq in targets {
-                self.row.clear();
-                self.row.extend_from_slice(output.row(row));
-                self.sample_and_emit(seq);
+                if let Some(&id) = output.greedy_ids.get(row) {
+                    self.emit_greedy(seq, id);
+                } else {
+                    self.row.clear();
+                    self.row.extend_from_slice(output.row(row));
+                    self.sample_and_emit(seq);
+                }
             }
         }
     }
@@ -433,6 +438,28 @@ impl Engine {
         children
     }
 
+    /// Whether every sequence sampled this step (and every choice a fork
+    /// would create from it) takes the bare argmax.
+    fn plan_is_greedy(&self, plan: &StepPlan) -> bool {
+        plan.chunks.iter().filter(|c| c.sample).all(|c| {
+            self.seqs.get(&c.seq).is_some_and(|st| {
+                self.requests
+                    .get(&st.request)
+                    .is_some_and(|r| st.sampler.is_plain_greedy(r.request.logprobs))
+            })
+        })
+    }
+
+    /// A token already picked by the runner's device-side argmax.
+    fn emit_greedy(&mut self, seq_id: SeqId, id: u32) {
+        let sampled = Sampled {
+            id,
+            logprob: 0.0,
+            top: Vec::new(),
+        };
+        self.emit_sampled(seq_id, sampled);
+    }
+
     fn sample_and_emit(&mut self, seq_id: SeqId) {
         let Some(tokens) = self.scheduler.tokens(seq_id) else {
             return;
@@ -447,6 +474,20 @@ impl Engine {
         let sampled = st
             .sampler
             .sample(&mut self.row, prompt, generated, r.request.logprobs);
+        self.emit_sampled(seq_id, sampled);
+    }
+
+    /// Stop checks, detokenization and the event for one picked token.
+    fn emit_sampled(&mut self, seq_id: SeqId, sampled: Sampled) {
+        let Some(tokens) = self.scheduler.tokens(seq_id) else {
+            return;
+        };
+        let Some(st) = self.seqs.get_mut(&seq_id) else {
+            return;
+        };
+        let Some(r) = self.requests.get(&st.request) else {
+            return;
+        };
         let token = sampled.id;
         let total_len = tokens.len() + 1;
         st.generated += 1;

@@ -5,11 +5,14 @@ use llama_model::{BatchInput, KvCache, LlamaModel, SeqChunk, Tensor};
 
 use crate::scheduler::StepPlan;
 
-/// Logits of a step's sampling chunks, row-major `[rows, vocab]`, in plan order.
+/// Logits of a step's sampling chunks, row-major `[rows, vocab]`, in plan
+/// order; or, for a `greedy_only` plan, just each row's argmax.
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     pub vocab: usize,
     pub logits: Vec<f32>,
+    /// One id per sampled row when the runner picked greedily on the device.
+    pub greedy_ids: Vec<u32>,
 }
 
 impl StepOutput {
@@ -72,7 +75,7 @@ impl CandleRunner {
         if rows.is_empty() {
             return Ok(StepOutput {
                 vocab,
-                logits: Vec::new(),
+                ..StepOutput::default()
             });
         }
         let n = rows.len();
@@ -85,10 +88,20 @@ impl CandleRunner {
                 .values
                 .index_select(&Tensor::from_vec(rows, n, self.model.device())?, 0)?
         };
+        if plan.greedy_only {
+            // On a GPU this reads back 4 bytes per row instead of the whole vocabulary.
+            let ids: Vec<u32> = picked.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            return Ok(StepOutput {
+                vocab,
+                greedy_ids: ids,
+                ..StepOutput::default()
+            });
+        }
         let flat: Vec<f32> = picked.flatten_all()?.to_vec1()?;
         Ok(StepOutput {
             vocab,
             logits: flat,
+            ..StepOutput::default()
         })
     }
 }

@@ -65,6 +65,19 @@ impl Sampler {
         }
     }
 
+    /// True when the next token is the bare argmax of the raw logits: no
+    /// temperature, bias or penalty, and no logprobs asked. Such steps can
+    /// pick on the device and read back one id per row instead of the logits.
+    pub fn is_plain_greedy(&self, logprobs: Option<usize>) -> bool {
+        let p = &self.params;
+        !(p.temperature > 0.0)
+            && p.logit_bias.is_empty()
+            && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && logprobs.is_none()
+    }
+
     /// Picks the next token. `logits` is used as scratch: it holds the
     /// processed (biased and penalised) logits afterwards. `prompt` and
     /// `generated` are the sequence's tokens so far; `logprobs` is `None` to
@@ -493,6 +506,25 @@ mod tests {
         let mut work = l.clone();
         let s = Sampler::new(&SamplingParams::default(), 0).sample(&mut work, &[1], &[3], None);
         assert_eq!((s.id, s.logprob, s.top.len(), work), (417, 0.0, 0, l));
+    }
+
+    #[test]
+    fn plain_greedy_means_nothing_but_the_argmax() {
+        let plain = Sampler::new(&SamplingParams::default(), 0);
+        assert!(plain.is_plain_greedy(None));
+        assert!(!plain.is_plain_greedy(Some(0)));
+        let edits: [fn(&mut SamplingParams); 5] = [
+            |p| p.temperature = 0.7,
+            |p| p.logit_bias = vec![(5, 1.0)],
+            |p| p.repetition_penalty = 1.2,
+            |p| p.frequency_penalty = 0.5,
+            |p| p.presence_penalty = -0.5,
+        ];
+        for edit in edits {
+            let mut p = SamplingParams::default();
+            edit(&mut p);
+            assert!(!Sampler::new(&p, 0).is_plain_greedy(None), "{p:?}");
+        }
     }
 
     #[test]

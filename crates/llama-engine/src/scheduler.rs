@@ -65,6 +65,9 @@ pub struct StepPlan {
     pub preempted: Vec<SeqId>,
     /// KV blocks to copy `(src, dst)` before this step's forward (forked choices).
     pub copies: Vec<(u32, u32)>,
+    /// Every sampled row only needs its argmax (set by the engine, not the
+    /// scheduler): the runner may return ids instead of logits.
+    pub greedy_only: bool,
 }
 
 impl StepPlan {

@@ -117,6 +117,12 @@ fn greedy_requests_match_the_reference_text() {
         );
         assert_eq!(c.finish, Some(FinishReason::Length));
         assert_eq!(c.completion_tokens, 48);
+        // Asking for logprobs takes the host path (whole logits rows) instead of
+        // the runner's device-side argmax: the same ids either way.
+        let mut with_logprobs = greedy(ids(&p["prompt_ids"]), 48);
+        with_logprobs.logprobs = Some(1);
+        let c = collect(handle.submit(with_logprobs).unwrap(), 1).remove(0);
+        assert_eq!(c.ids, ids(&p["greedy_ids"]), "{} with logprobs", p["name"]);
     }
     wait_idle(&handle);
 }

@@ -140,3 +140,27 @@ mod tests {
         assert!(err.to_string().contains("cuda"), "{err}");
     }
 }
+
+/// `(free, total)` bytes of the memory `device` allocates from: the GPU's
+/// for CUDA, the machine's (MemAvailable, MemTotal) for the CPU. `None` where
+/// it cannot be read (Metal, or no /proc).
+pub fn memory_info(device: &Device) -> Option<(u64, u64)> {
+    match device {
+        Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let field = |name: &str| -> Option<u64> {
+                let line = info.lines().find(|l| l.starts_with(name))?;
+                Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+            };
+            Some((field("MemAvailable:")?, field("MemTotal:")?))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            let stream = dev.cuda_stream();
+            let (free, total) = stream.context().mem_get_info().ok()?;
+            Some((free as u64, total as u64))
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}

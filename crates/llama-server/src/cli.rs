@@ -58,7 +58,7 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_DTYPE")]
     pub dtype: Option<String>,
 
-    /// KV cache budget, e.g. 4GiB, 512MiB or 8192tokens [default: the engine's].
+    /// KV cache budget: 4GiB, 512MiB, 8192tokens, or 90% (of the device memory for the whole process, like vLLM's --gpu-memory-utilization) [default: the engine's].
     #[arg(long, env = "LLAMA_SERVE_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
 

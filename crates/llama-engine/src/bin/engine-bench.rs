@@ -94,6 +94,16 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // One short request first, so that one-time costs (CUDA's PTX JIT, the
+    // allocator's first growth) are not charged to the first level.
+    rt.block_on(async {
+        let mut req = GenerateRequest::new(vec![1, 100, 200, 300], 4);
+        req.stop.ignore_eos = true;
+        let mut g = handle.submit(req).expect("empty queue");
+        while let Some(ev) = g.next_event().await {
+            ev.expect("warm-up request failed");
+        }
+    });
     let mut rows = Vec::new();
     for &conc in &args.concurrency {
         let before = handle.stats();
@@ -135,7 +145,21 @@ fn main() -> Result<()> {
             out
         });
         let secs = t0.elapsed().as_secs_f64();
-        let after = handle.stats();
+        // Every request has finished: the engine must hold no sequence and no block.
+        let idle_by = Instant::now() + Duration::from_secs(5);
+        let mut after = handle.stats();
+        while (after.running > 0 || after.kv_blocks_used > 0) && Instant::now() < idle_by {
+            std::thread::sleep(Duration::from_millis(5));
+            after = handle.stats();
+        }
+        if after.running > 0 || after.kv_blocks_used > 0 {
+            bail!(
+                "after {} requests at concurrency {conc}: {} running, {} KV blocks still used",
+                results.len(),
+                after.running,
+                after.kv_blocks_used
+            );
+        }
         let tokens: usize = results.iter().map(|r| r.1).sum();
         let mut ttft: Vec<f64> = results.iter().map(|r| r.0.as_secs_f64() * 1000.0).collect();
         ttft.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -154,6 +178,8 @@ fn main() -> Result<()> {
             "ms_per_step": step_ns as f64 / 1e6 / steps.max(1) as f64,
             "engine_overhead_pct": 100.0 * overhead_ns as f64 / step_ns.max(1) as f64,
             "preemptions": after.preemptions_total - before.preemptions_total,
+            "kv_blocks_used_after": after.kv_blocks_used,
+            "kv_blocks_total": after.kv_blocks_total,
         });
         if !args.json {
             eprintln!("{row}");

@@ -8,10 +8,14 @@ use crate::config::LlamaConfig;
 use crate::error::Result;
 
 /// How much memory the KV pool may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KvBudget {
     Bytes(u64),
     Tokens(usize),
+    /// A fraction of the device's memory for the whole process, as vLLM's
+    /// `--gpu-memory-utilization`: the pool gets that share of the total less
+    /// what is already in use (weights, other processes) and an activation reserve.
+    DeviceFraction(f64),
 }
 
 impl fmt::Display for KvBudget {
@@ -19,6 +23,7 @@ impl fmt::Display for KvBudget {
         match self {
             KvBudget::Bytes(b) => write!(f, "{b} bytes"),
             KvBudget::Tokens(t) => write!(f, "{t} tokens"),
+            KvBudget::DeviceFraction(x) => write!(f, "{}% of device memory", x * 100.0),
         }
     }
 }
@@ -49,9 +54,19 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
 impl FromStr for KvBudget {
     type Err = String;
 
-    /// A byte size (see [`parse_byte_size`]) or a token count: `8192tokens` / `8192tok`.
+    /// A byte size (see [`parse_byte_size`]), a token count (`8192tokens` /
+    /// `8192tok`) or a share of device memory (`90%`).
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim().to_ascii_lowercase().replace([' ', '_'], "");
+        if let Some(num) = t.strip_suffix('%') {
+            let pct: f64 = num
+                .parse()
+                .map_err(|_| format!("`{s}` is not a percentage like 90%"))?;
+            if !(pct > 0.0 && pct <= 100.0) {
+                return Err(format!("`{s}`: a share of device memory is in (0%, 100%]"));
+            }
+            return Ok(KvBudget::DeviceFraction(pct / 100.0));
+        }
         if let Some(num) = t.strip_suffix("tokens").or_else(|| t.strip_suffix("tok")) {
             let tokens: usize = num
                 .parse()
@@ -60,7 +75,7 @@ impl FromStr for KvBudget {
         }
         parse_byte_size(s)
             .map(KvBudget::Bytes)
-            .map_err(|e| format!("{e} (or a token count like 8192tokens)"))
+            .map_err(|e| format!("{e} (or a token count like 8192tokens, or a share like 90%)"))
     }
 }
 
@@ -81,7 +96,43 @@ impl Default for KvCacheSpec {
     }
 }
 
+/// Memory kept free beside the KV pool for a step's activations, cuBLAS
+/// workspace and allocator slack: 1 GiB or 4% of the device, the larger.
+fn activation_reserve(total: u64) -> u64 {
+    (1u64 << 30).max(total / 25)
+}
+
 impl KvCacheSpec {
+    /// The same spec with a `DeviceFraction` budget turned into bytes, given
+    /// the device's `(free, total)` memory now (after the weights are loaded).
+    pub fn resolve_budget(&self, memory: Option<(u64, u64)>) -> Result<KvCacheSpec, String> {
+        let KvBudget::DeviceFraction(fraction) = self.budget else {
+            return Ok(*self);
+        };
+        let Some((free, total)) = memory else {
+            return Err(format!(
+                "a KV budget of {} needs the device's memory size, which cannot be read here; give bytes or tokens",
+                self.budget
+            ));
+        };
+        let allowed = (total as f64 * fraction) as u64;
+        let in_use = total.saturating_sub(free);
+        let bytes = allowed
+            .saturating_sub(in_use)
+            .saturating_sub(activation_reserve(total));
+        if bytes == 0 {
+            return Err(format!(
+                "a KV budget of {}: {allowed} bytes allowed, {in_use} already in use and {} kept for activations leave nothing for the cache",
+                self.budget,
+                activation_reserve(total)
+            ));
+        }
+        Ok(KvCacheSpec {
+            budget: KvBudget::Bytes(bytes),
+            ..*self
+        })
+    }
+
     pub fn num_blocks(&self, cfg: &LlamaConfig, dtype: DType) -> Result<usize, KvError> {
         if self.block_size == 0 {
             return Err(KvError::ZeroBlockSize);
@@ -90,6 +141,8 @@ impl KvCacheSpec {
         let blocks = match self.budget {
             KvBudget::Bytes(b) => (b / bytes_per_block as u64) as usize,
             KvBudget::Tokens(t) => t / self.block_size,
+            // Resolved against the device by `resolve_budget` before this point.
+            KvBudget::DeviceFraction(_) => 0,
         };
         if blocks == 0 {
             return Err(KvError::BudgetTooSmall {
@@ -119,6 +172,9 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let spec = &spec
+            .resolve_budget(crate::device::memory_info(device))
+            .map_err(KvError::Budget)?;
         let num_blocks = spec.num_blocks(cfg, dtype)?;
         let shape = (
             num_blocks,
@@ -265,6 +321,12 @@ mod tests {
             KvBudget::Tokens(8192)
         );
         assert_eq!("1000".parse::<KvBudget>().unwrap(), KvBudget::Bytes(1000));
+        assert_eq!(
+            "90%".parse::<KvBudget>().unwrap(),
+            KvBudget::DeviceFraction(0.9)
+        );
+        assert!("0%".parse::<KvBudget>().is_err());
+        assert!("150%".parse::<KvBudget>().is_err());
         assert!("lots".parse::<KvBudget>().is_err());
         assert!("3 parsecs".parse::<KvBudget>().is_err());
     }
@@ -294,6 +356,40 @@ mod tests {
             spec.num_blocks(&cfg, DType::F32),
             Err(KvError::BudgetTooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn a_device_share_leaves_room_for_what_is_in_use_and_activations() {
+        const GIB: u64 = 1 << 30;
+        let spec = KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::DeviceFraction(0.9),
+        };
+        // 80 GiB device, 14 GiB in use (weights): 72 - 14 - 3.2 (4% reserve) GiB for the pool.
+        let resolved = spec.resolve_budget(Some((66 * GIB, 80 * GIB))).unwrap();
+        let expected = (80.0 * GIB as f64 * 0.9) as u64 - 14 * GIB - 80 * GIB / 25;
+        assert_eq!(resolved.budget, KvBudget::Bytes(expected));
+        // Already past the share: a clear error, not a zero-block pool.
+        let err = spec.resolve_budget(Some((4 * GIB, 80 * GIB))).unwrap_err();
+        assert!(err.contains("leave nothing"), "{err}");
+        assert!(spec.resolve_budget(None).is_err());
+        // Bytes and tokens pass through untouched.
+        let bytes = KvCacheSpec::default();
+        assert_eq!(bytes.resolve_budget(None).unwrap().budget, bytes.budget);
+        // On the CPU the share is of the machine's memory.
+        let cfg = crate::shapes::ModelShape::Tiny.config();
+        let spec = KvCacheSpec {
+            block_size: 16,
+            budget: KvBudget::DeviceFraction(0.99),
+        };
+        if let Some((free, total)) = crate::device::memory_info(&Device::Cpu) {
+            if free > total / 2 {
+                let resolved = spec.resolve_budget(Some((free, total))).unwrap();
+                assert!(matches!(resolved.budget, KvBudget::Bytes(b) if b > 0 && b < total));
+                // Only the arithmetic is checked: allocating a real pool that size is not the point.
+                assert!(resolved.num_blocks(&cfg, DType::F32).unwrap() > 0);
+            }
+        }
     }
 
     #[test]

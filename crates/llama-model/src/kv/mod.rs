@@ -20,4 +20,6 @@ pub enum KvError {
     },
     #[error("block size must be positive")]
     ZeroBlockSize,
+    #[error("{0}")]
+    Budget(String),
 }

@@ -31,6 +31,34 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Eight consecutive values as f32, with 16-byte loads (p must be 16-byte aligned).
+__device__ __forceinline__ void load8(const float* p, float* out) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // RoPE on q and k straight out of the fused QKV projection, k and v written
 // into the paged cache, rotated q written out: one launch instead of two
@@ -149,7 +177,20 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         float score[MAX_GROUP];
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; ++g) score[g] = 0.f;
-        if (valid) {
+        if (valid && d % 8 == 0) {
+            // Each lane reads its own key row, 16 bytes at a time.
+            for (int i = 0; i < d; i += 8) {
+                float kv[8];
+                load8(krow + i, kv);
+#pragma unroll
+                for (int g = 0; g < MAX_GROUP; ++g) {
+                    if (g >= group) break;
+                    const float* qg = qs + g * d + i;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) score[g] += qg[e] * kv[e];
+                }
+            }
+        } else if (valid) {
             for (int i = 0; i < d; ++i) {
                 const float kv = to_f32(krow[i]);
 #pragma unroll

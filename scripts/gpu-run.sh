@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Runs the carried CUDA build on the GPU machine: benchmarks and checks in one
-# pass, full logs under $OUT, a short table printed last.
+# Runs the carried CUDA build on the GPU machine: every GPU check and timing
+# in one pass, full logs under $OUT, a short table printed last.
 #
-# Here (build machine):
+# Here (build machine, see ../shared/CUDA.md for the toolchain):
 #   bash ../shared/tools/setup-cuda-build-env.sh && source /opt/cuda13-pip/env.sh
-#   cargo build --release --features cuda -p llama-server -p llama-model --target-dir target/cuda
+#   cargo build --release --features cuda -p llama-server -p llama-model -p llama-engine --bins --target-dir target/cuda
+#   cargo test --release --features cuda -p llama-model --test reference --test kernels --no-run --target-dir target/cuda
 #   bash scripts/gpu-run.sh --pack          # strips + xz-compresses into target/gpu-carry/
 # There (device tool, carrying target/gpu-carry):
 #   bash scripts/gpu-run.sh
-# Dry run on a CPU machine (same steps, CPU device, tiny shapes):
-#   bash scripts/gpu-run.sh --dry-run
+# Dry run on a CPU machine (same steps, CPU device, tiny shapes, the debug build):
+#   cargo build --workspace --bins && cargo test -p llama-model --no-run && bash scripts/gpu-run.sh --dry-run
+#
+# Steps: parity of the tiny fixture (f32, both kernel paths), the fused kernels
+# against plain Candle (f32/f16/bf16, GQA 1/4/8, odd lengths, block
+# boundaries), llama-bench on a random 7B in bf16 with the fused kernels and
+# without (before/after in one run), and the engine at 64 and 200 concurrent
+# requests with the KV pool sized as 90% of the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-carry
@@ -20,21 +27,28 @@ if [ "${1:-}" = "--pack" ]; then
   mkdir -p "$CARRY"
   for bin in llama-bench engine-bench; do
     [ -x "target/cuda/release/$bin" ] || continue
-    cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -9e -f "$CARRY/$bin"
+    cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -6 -f "$CARRY/$bin"
   done
-  # The parity tests, built with: cargo test --release --features cuda -p llama-model --test reference --no-run --target-dir target/cuda
-  test_bin=$(ls -t target/cuda/release/deps/reference-* 2>/dev/null | grep -v '\.d$' | head -n 1)
-  if [ -n "$test_bin" ]; then
-    cp "$test_bin" "$CARRY/reference" && strip "$CARRY/reference" && xz -T2 -9e -f "$CARRY/reference"
-  fi
+  for test in reference kernels; do
+    test_bin=$(ls -t target/cuda/release/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+    if [ -n "$test_bin" ]; then
+      cp "$test_bin" "$CARRY/$test" && strip "$CARRY/$test" && xz -T2 -6 -f "$CARRY/$test"
+    fi
+  done
   ls -la "$CARRY"
   exit 0
 fi
 
-DEVICE=cuda; DTYPE=bf16; SHAPE=7b; BATCHES=1,8,32,64; PROMPTS=128,512
+DEVICE=cuda; DTYPE=bf16; SHAPE=7b; BATCHES=1,8,32,64; PROMPTS=128,512; GEN=32
+ENGINE_LEVELS=64,200; ENGINE_KV=90%; BEFORE_BATCHES=1,64; BEFORE_PROMPT=128
 if [ "${1:-}" = "--dry-run" ]; then
-  DEVICE=cpu; DTYPE=f32; SHAPE=tiny; BATCHES=1,8; PROMPTS=16
-  BIN=target/release
+  DEVICE=cpu; DTYPE=f32; SHAPE=tiny; BATCHES=1,8; PROMPTS=16; GEN=4
+  ENGINE_LEVELS=4,8; ENGINE_KV=64MiB; BEFORE_BATCHES=1; BEFORE_PROMPT=16
+  BIN=target/debug
+  for test in reference kernels; do
+    t=$(ls -t target/debug/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+    [ -n "$t" ] && ln -sf "$PWD/$t" "$OUT/$test" && TESTS_AT="$OUT"
+  done
 else
   BIN=/tmp/llama-bin
   mkdir -p "$BIN"
@@ -43,25 +57,65 @@ else
   export LD_LIBRARY_PATH="$NV:${LD_LIBRARY_PATH:-}"
   export CUDA_CACHE_PATH=/tmp/nv-compute-cache
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  TESTS_AT="$BIN"
 fi
 
 status=0
-if [ -x "$BIN/reference" ]; then
-  echo "== parity: tiny fixture on $DEVICE (f32, reference greedy ids and logits) =="
-  LLAMA_TEST_DEVICE="$DEVICE" LLAMA_REPO_ROOT="$PWD" timeout 300 "$BIN/reference" --test-threads 1 \
-    > "$OUT/parity.log" 2>&1 || status=1
-  grep -E "^test |test result" "$OUT/parity.log"
-fi
-echo "== bench: $SHAPE $DTYPE on $DEVICE =="
-timeout 420 "$BIN/llama-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch-sizes "$BATCHES" --prompt-len "$PROMPTS" --gen 32 --json \
-  > "$OUT/bench.json" 2> "$OUT/bench.log" || status=1
+step() { echo "== $* =="; }
 
-python3 - "$OUT/bench.json" <<'PY' || status=1
-import json, sys
-d = json.load(open(sys.argv[1]))
-print(f"{d['shape']} {d['dtype']} on {d['device']}, peak RSS {d['peak_rss_bytes']/2**20:.0f} MiB")
-print("| batch | prompt_len | prefill tok/s | decode tok/s | ms/step |")
-for r in d["results"]:
-    print(f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} |")
+for test in reference kernels; do
+  if [ -x "${TESTS_AT:-/nonexistent}/$test" ]; then
+    step "$test tests on $DEVICE"
+    LLAMA_TEST_DEVICE="$DEVICE" LLAMA_REPO_ROOT="$PWD" timeout 100 "$TESTS_AT/$test" --test-threads 1 --nocapture \
+      > "$OUT/$test.log" 2>&1 || status=1
+    grep -E "^test |test result|rel " "$OUT/$test.log" | tail -n 40
+  fi
+done
+
+bench() { # name, kernels, batches, prompts, gen, time limit
+  step "llama-bench $SHAPE $DTYPE on $DEVICE, kernels=$2"
+  timeout "$6" "$BIN/llama-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$2" \
+    --batch-sizes "$3" --prompt-len "$4" --gen "$5" --json > "$OUT/$1.json" 2> "$OUT/$1.log" || { status=1; tail -n 5 "$OUT/$1.log"; }
+}
+bench bench-fused auto "$BATCHES" "$PROMPTS" "$GEN" 150
+bench bench-generic generic "$BEFORE_BATCHES" "$BEFORE_PROMPT" 16 90
+
+step "engine-bench $SHAPE $DTYPE on $DEVICE at $ENGINE_LEVELS concurrent, KV pool $ENGINE_KV"
+timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+  --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
+  > "$OUT/engine.json" 2> "$OUT/engine.log" || { status=1; tail -n 5 "$OUT/engine.log"; }
+
+python3 - "$OUT" <<'PY' || status=1
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except Exception as e:
+        print(f"({name}: {e})")
+        return None
+fused, generic, engine = load("bench-fused.json"), load("bench-generic.json"), load("engine.json")
+gen_rows = {(r["batch"], r["prompt_len"]): r for r in (generic or {}).get("results", [])}
+if fused:
+    print(f"\n{fused['shape']} {fused['dtype']} on {fused['device']}, peak RSS {fused['peak_rss_bytes']/2**20:.0f} MiB")
+    print("| batch | context | prefill tok/s (1 prompt) | decode tok/s fused | decode tok/s plain Candle | speed-up | ms/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in fused["results"]:
+        g = gen_rows.get((r["batch"], r["prompt_len"]))
+        gs = f"{g['decode_tok_s']:.1f}" if g else "-"
+        sp = f"{r['decode_tok_s'] / g['decode_tok_s']:.1f}x" if g else "-"
+        print(f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {gs} | {sp} | {r['ms_per_step']:.2f} |")
+if engine:
+    print("\n| engine concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in engine["results"]:
+        print(f"| {r['concurrency']} | {r['output_tok_s']:.1f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['ms_per_step']:.2f} | {r['engine_overhead_pct']:.2f} | {r['preemptions']} | {r['kv_blocks_used_after']} / {r['kv_blocks_total']} |")
+    if fused:
+        shortest = min(r["prompt_len"] for r in fused["results"])
+        b = {r["batch"]: r for r in fused["results"] if r["prompt_len"] == shortest}
+        top = max(b)
+        for r in engine["results"]:
+            if r["concurrency"] == top:
+                print(f"\nengine at {top} concurrent = {100 * r['output_tok_s'] / b[top]['decode_tok_s']:.0f}% of the bench's batch-{top} decode")
 PY
 exit $status

@@ -128,9 +128,10 @@ __device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ c
 // dynamic shared memory: (group * d) + ATTN_WARPS * group * (d + 2) floats.
 #define ATTN_WARPS 4
 #define MAX_DPL 8   // head_dim up to 256: 8 dims per lane
-#define MAX_GROUP 8
 
-template <typename T>
+// G: compile-time bound on the group size (1, 2, 4 or 8), so that a plain
+// multi-head model does not pay registers for eight query heads.
+template <typename T, int G>
 __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_cache,
                                 const T* __restrict__ v_cache,
                                 const uint32_t* __restrict__ tok_pos,
@@ -155,11 +156,11 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     }
     __syncthreads();
 
-    float m[MAX_GROUP];
-    float l[MAX_GROUP];
-    float acc[MAX_GROUP][MAX_DPL];
+    float m[G];
+    float l[G];
+    float acc[G][MAX_DPL];
 #pragma unroll
-    for (int g = 0; g < MAX_GROUP; ++g) {
+    for (int g = 0; g < G; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.f;
 #pragma unroll
@@ -167,23 +168,28 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     }
 
     const size_t row_stride = (size_t)kvh * d;
+    const T* k_head = k_cache + (size_t)kv_head * d;
+    const T* v_head = v_cache + (size_t)kv_head * d;
     // Warp w takes keys [32 * (w + ATTN_WARPS * c), +32) for c = 0, 1, ...
     for (int base = warp * 32; base < ctx; base += ATTN_WARPS * 32) {
         const int key = base + lane;
         const bool valid = key < ctx;
-        size_t slot = 0;
-        if (valid) slot = (size_t)table[key / block_size] * block_size + key % block_size;
-        const T* krow = k_cache + slot * row_stride + (size_t)kv_head * d;
-        float score[MAX_GROUP];
+        // Each lane looks up the slot of its key once; the V pass below gets
+        // them by shuffle instead of reloading the block table per key.
+        uint32_t slot = 0;
+        if (valid) slot = table[key / block_size] * (uint32_t)block_size + key % block_size;
+        const T* krow = k_head + (size_t)slot * row_stride;
+        float score[G];
 #pragma unroll
-        for (int g = 0; g < MAX_GROUP; ++g) score[g] = 0.f;
+        for (int g = 0; g < G; ++g) score[g] = 0.f;
         if (valid && d % 8 == 0) {
             // Each lane reads its own key row, 16 bytes at a time.
+#pragma unroll 4
             for (int i = 0; i < d; i += 8) {
                 float kv[8];
                 load8(krow + i, kv);
 #pragma unroll
-                for (int g = 0; g < MAX_GROUP; ++g) {
+                for (int g = 0; g < G; ++g) {
                     if (g >= group) break;
                     const float* qg = qs + g * d + i;
 #pragma unroll
@@ -194,13 +200,13 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             for (int i = 0; i < d; ++i) {
                 const float kv = to_f32(krow[i]);
 #pragma unroll
-                for (int g = 0; g < MAX_GROUP; ++g)
+                for (int g = 0; g < G; ++g)
                     if (g < group) score[g] += qs[g * d + i] * kv;
             }
         }
         const int n_keys = min(32, ctx - base);
 #pragma unroll
-        for (int g = 0; g < MAX_GROUP; ++g) {
+        for (int g = 0; g < G; ++g) {
             if (g >= group) break;
             const float s = valid ? score[g] : -INFINITY;
             const float m_new = fmaxf(m[g], warp_max(s));
@@ -212,11 +218,12 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             for (int i = 0; i < MAX_DPL; ++i) acc[g][i] *= correction;
             score[g] = p;
         }
-        // acc[dim] += sum_j p_j v_j[dim]; lanes split the dims so each V row read is coalesced.
+        // acc[dim] += sum_j p_j v_j[dim]; lanes split the dims so each V row
+        // read is coalesced. Unrolled so that several rows are in flight.
+#pragma unroll 8
         for (int j = 0; j < n_keys; ++j) {
-            const int kj = base + j;
-            const size_t sj = (size_t)table[kj / block_size] * block_size + kj % block_size;
-            const T* vrow = v_cache + sj * row_stride + (size_t)kv_head * d;
+            const uint32_t sj = __shfl_sync(0xffffffffu, slot, j);
+            const T* vrow = v_head + (size_t)sj * row_stride;
             float vv[MAX_DPL];
 #pragma unroll
             for (int i = 0; i < MAX_DPL; ++i) {
@@ -224,7 +231,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
                 vv[i] = dim < d ? to_f32(vrow[dim]) : 0.f;
             }
 #pragma unroll
-            for (int g = 0; g < MAX_GROUP; ++g) {
+            for (int g = 0; g < G; ++g) {
                 if (g >= group) break;
                 const float p = __shfl_sync(0xffffffffu, score[g], j);
 #pragma unroll
@@ -238,7 +245,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     const int stride = d + 2;
     // Unrolled with constant indices so acc stays in registers.
 #pragma unroll
-    for (int g = 0; g < MAX_GROUP; ++g) {
+    for (int g = 0; g < G; ++g) {
         if (g >= group) break;
         float* ws = wstate + (warp * group + g) * stride;
         if (lane == 0) {
@@ -326,19 +333,26 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
     }
 }
 
+#define ATTENTION(T, SUFFIX, G)                                                                  \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                \
+        paged_attention_g##G##_##SUFFIX(const T* q, const T* k_cache, const T* v_cache,          \
+                                        const uint32_t* tok_pos, const uint32_t* tok_seq,        \
+                                        const uint32_t* block_tables, T* out, int h, int kvh,    \
+                                        int d, int block_size, int max_blocks, float scale) {    \
+        paged_attention<T, G>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, out, h, kvh,  \
+                              d, block_size, max_blocks, scale);                                 \
+    }
+
 #define INSTANTIATE(T, SUFFIX)                                                                   \
     extern "C" __global__ void rope_write_kv_##SUFFIX(                                           \
         const T* qkv, const T* cos_t, const T* sin_t, const uint32_t* pos,                       \
         const uint32_t* slots, T* q_out, T* k_cache, T* v_cache, int h, int kvh, int d) {        \
         rope_write_kv<T>(qkv, cos_t, sin_t, pos, slots, q_out, k_cache, v_cache, h, kvh, d);     \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_##SUFFIX(     \
-        const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,                 \
-        const uint32_t* tok_seq, const uint32_t* block_tables, T* out, int h, int kvh, int d,    \
-        int block_size, int max_blocks, float scale) {                                           \
-        paged_attention<T>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, out, h, kvh, d,  \
-                           block_size, max_blocks, scale);                                       \
-    }                                                                                            \
+    ATTENTION(T, SUFFIX, 1)                                                                      \
+    ATTENTION(T, SUFFIX, 2)                                                                      \
+    ATTENTION(T, SUFFIX, 4)                                                                      \
+    ATTENTION(T, SUFFIX, 8)                                                                      \
     extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta,                 \
                                                       const T* weight, T* out, int rows,         \
                                                       int hidden, float eps) {                   \

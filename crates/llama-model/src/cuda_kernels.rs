@@ -260,8 +260,10 @@ impl PagedAttention<'_> {
         );
         let (kc_v, vc_v) = (kc.view::<T>()?, vc.view::<T>()?);
         let out = unsafe { dev.alloc::<T>(n * h * d)? };
+        // The kernel built for the smallest group bound that fits (see llama.cu).
+        let bound = group.next_power_of_two();
         let func = dev.get_or_load_custom_func(
-            &format!("paged_attention_{}", suffix(q.dtype())?),
+            &format!("paged_attention_g{bound}_{}", suffix(q.dtype())?),
             MODULE,
             PTX,
         )?;

@@ -61,7 +61,22 @@ impl DeviceSpec {
                         "this binary was built without the `cuda` feature".into(),
                     ));
                 }
-                Device::new_cuda(*n).map_err(|e| unavailable(e.to_string()))
+                // One dedicated stream for every thread (the engine runs on its
+                // own): all work is ordered on it whichever thread launches it.
+                let device =
+                    Device::new_cuda_with_stream(*n).map_err(|e| unavailable(e.to_string()))?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(cuda) = &device {
+                    let keep = std::env::var("LLAMA_CUDA_EVENT_TRACKING").is_ok_and(|v| v == "1");
+                    if !keep {
+                        // SAFETY: event tracking orders uses of a buffer across
+                        // streams; with a single stream there is nothing to order,
+                        // and its event records and waits cost several µs per
+                        // launch, which at batch 1 is most of a step.
+                        unsafe { cuda.disable_event_tracking() };
+                    }
+                }
+                Ok(device)
             }
             DeviceSpec::Metal(n) => {
                 if !candle_core::utils::metal_is_available() {

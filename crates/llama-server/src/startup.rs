@@ -19,8 +19,16 @@ use crate::state::{AppState, ServedModel};
 /// Seed of `random:SHAPE` weights: fixed, so two replicas answer alike.
 const RANDOM_WEIGHTS_SEED: u64 = 0;
 
-pub fn engine_config(config: &ServerConfig) -> anyhow::Result<EngineConfig> {
+/// The engine's settings: the user's where given, else defaults for the device.
+/// A GPU gets vLLM's: the KV pool takes what 90% of the device leaves after
+/// the weights, and steps carry up to 2048 tokens (a GPU is underused by the
+/// CPU's 512-token chunks).
+pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Result<EngineConfig> {
     let mut engine = EngineConfig::default();
+    if device != DeviceSpec::Cpu {
+        engine.kv_cache.budget = KvBudget::DeviceFraction(0.9);
+        engine.max_num_batched_tokens = 2048;
+    }
     let settings = &config.engine;
     if let Some(budget) = &settings.kv_cache_memory {
         let budget: KvBudget = budget
@@ -58,7 +66,7 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         // Llama 2 was trained in bf16; f32 would double GPU memory for nothing.
         None => DTypeSpec::BF16,
     };
-    let engine_config = engine_config(config)?;
+    let engine_config = engine_config(config, device_spec)?;
     let mut options = config.app.clone();
     options.limits.max_n = engine_config.max_n;
     options.limits.max_logprobs = engine_config.max_logprobs;

@@ -69,6 +69,8 @@ struct Row {
     prefill_tok_s: f64,
     decode_tok_s: f64,
     ms_per_step: f64,
+    /// Host time to enqueue one step's forward (before reading back the ids).
+    submit_ms_per_step: f64,
 }
 
 fn main() -> Result<()> {
@@ -157,6 +159,7 @@ fn main() -> Result<()> {
             }
             let mut last: Vec<u32> = (0..batch_size).map(token).collect();
             let mut pos = prompt_len;
+            let submit_secs = std::cell::Cell::new(0.0f64);
             let decode_step = |pos: usize, last: &mut Vec<u32>| -> Result<()> {
                 let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
                 let batch = BatchInput::new(
@@ -170,7 +173,11 @@ fn main() -> Result<()> {
                         })
                         .collect(),
                 );
+                let t = Instant::now();
                 let logits = model.forward(&batch, &kv)?;
+                // Time to enqueue the step: on a GPU, if this is close to the
+                // step time, the host (launch overhead) is the bottleneck.
+                submit_secs.set(submit_secs.get() + t.elapsed().as_secs_f64());
                 // Greedy on the device, reading back only the ids, as a server would.
                 let ids: Vec<u32> = logits.last()?.argmax(candle_core::D::Minus1)?.to_vec1()?;
                 *last = ids;
@@ -181,6 +188,7 @@ fn main() -> Result<()> {
                 pos += 1;
             }
             synchronize(&model)?;
+            submit_secs.set(0.0);
             let t0 = Instant::now();
             for _ in 0..args.gen {
                 decode_step(pos, &mut last)?;
@@ -197,6 +205,7 @@ fn main() -> Result<()> {
                 prefill_tok_s,
                 decode_tok_s: (batch_size * args.gen) as f64 / secs,
                 ms_per_step: secs * 1000.0 / args.gen as f64,
+                submit_ms_per_step: submit_secs.get() * 1000.0 / args.gen as f64,
             });
             if !args.json {
                 let r = rows.last().unwrap();
@@ -220,6 +229,7 @@ fn main() -> Result<()> {
                     "prefill_tok_s": r.prefill_tok_s,
                     "decode_tok_s": r.decode_tok_s,
                     "ms_per_step": r.ms_per_step,
+                    "submit_ms_per_step": r.submit_ms_per_step,
                 })
             })
             .collect();

@@ -82,7 +82,7 @@ bench bench-generic generic "$BEFORE_BATCHES" "$BEFORE_PROMPT" 16 90
 
 step "engine-bench $SHAPE $DTYPE on $DEVICE at $ENGINE_LEVELS concurrent, KV pool $ENGINE_KV"
 timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
-  --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
+  --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
   > "$OUT/engine.json" 2> "$OUT/engine.log" || { status=1; tail -n 5 "$OUT/engine.log"; }
 
 python3 - "$OUT" <<'PY' || status=1
@@ -98,13 +98,13 @@ fused, generic, engine = load("bench-fused.json"), load("bench-generic.json"), l
 gen_rows = {(r["batch"], r["prompt_len"]): r for r in (generic or {}).get("results", [])}
 if fused:
     print(f"\n{fused['shape']} {fused['dtype']} on {fused['device']}, peak RSS {fused['peak_rss_bytes']/2**20:.0f} MiB")
-    print("| batch | context | prefill tok/s (1 prompt) | decode tok/s fused | decode tok/s plain Candle | speed-up | ms/step |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | context | prefill tok/s (1 prompt) | decode tok/s fused | decode tok/s plain Candle | speed-up | ms/step | host submit ms/step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in fused["results"]:
         g = gen_rows.get((r["batch"], r["prompt_len"]))
         gs = f"{g['decode_tok_s']:.1f}" if g else "-"
         sp = f"{r['decode_tok_s'] / g['decode_tok_s']:.1f}x" if g else "-"
-        print(f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {gs} | {sp} | {r['ms_per_step']:.2f} |")
+        print(f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {gs} | {sp} | {r['ms_per_step']:.2f} | {r.get('submit_ms_per_step', float('nan')):.2f} |")
 if engine:
     print("\n| engine concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

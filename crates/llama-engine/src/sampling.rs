@@ -70,7 +70,9 @@ impl Sampler {
     /// pick on the device and read back one id per row instead of the logits.
     pub fn is_plain_greedy(&self, logprobs: Option<usize>) -> bool {
         let p = &self.params;
-        !(p.temperature > 0.0)
+        // Same test as `sample`: anything but a positive temperature is greedy.
+        let draws = p.temperature > 0.0;
+        !draws
             && p.logit_bias.is_empty()
             && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
             && p.frequency_penalty == 0.0

@@ -134,28 +134,6 @@ impl DTypeSpec {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_devices_and_dtypes() {
-        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
-        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
-        assert_eq!("metal".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal(0));
-        assert!("tpu".parse::<DeviceSpec>().is_err());
-        assert_eq!("bf16".parse::<DTypeSpec>().unwrap(), DTypeSpec::BF16);
-        assert!("f8".parse::<DTypeSpec>().is_err());
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    #[test]
-    fn cuda_without_feature_is_a_clear_error() {
-        let err = DeviceSpec::Cuda(0).open().unwrap_err();
-        assert!(err.to_string().contains("cuda"), "{err}");
-    }
-}
-
 /// `(free, total)` bytes of the memory `device` allocates from: the GPU's
 /// for CUDA, the machine's (MemAvailable, MemTotal) for the CPU. `None` where
 /// it cannot be read (Metal, or no /proc).
@@ -177,5 +155,27 @@ pub fn memory_info(device: &Device) -> Option<(u64, u64)> {
         }
         #[allow(unreachable_patterns)]
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_dtypes() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("metal".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal(0));
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert_eq!("bf16".parse::<DTypeSpec>().unwrap(), DTypeSpec::BF16);
+        assert!("f8".parse::<DTypeSpec>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_a_clear_error() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err();
+        assert!(err.to_string().contains("cuda"), "{err}");
     }
 }

@@ -333,6 +333,60 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
     }
 }
 
+// ---------------------------------------------------------------------------
+// Skinny matmul for decode: y[M, N] = x[M, K] · w[N, K]ᵀ with M ≤ 8. Pure
+// weight streaming: each warp walks GEMV_ROWS weight rows with 16-byte loads
+// and reuses every x load across them; f32 accumulation.
+// Needs K % 8 == 0 (16-byte aligned rows). grid: ceil(N / (warps * GEMV_ROWS)).
+#define GEMV_MAX_M 8
+#define GEMV_ROWS 4
+
+template <typename T>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int M,
+                     int N, int K) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    const int n0 = warp * GEMV_ROWS;
+    if (n0 >= N) return;
+    float acc[GEMV_MAX_M][GEMV_ROWS];
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) acc[m][r] = 0.f;
+#pragma unroll 2
+    for (int k = lane * 8; k < K; k += 256) {
+        float wv[GEMV_ROWS][8];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            if (n0 + r < N) {
+                load8(w + (size_t)(n0 + r) * K + k, wv[r]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) wv[r][e] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < GEMV_MAX_M; ++m) {
+            if (m >= M) break;
+            float xv[8];
+            load8(x + (size_t)m * K + k, xv);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[m][r] += xv[e] * wv[r][e];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m) {
+        if (m >= M) break;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            const float v = warp_sum(acc[m][r]);
+            if (lane == 0 && n0 + r < N) y[(size_t)m * N + n0 + r] = from_f32<T>(v);
+        }
+    }
+}
+
 #define ATTENTION(T, SUFFIX, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                \
         paged_attention_g##G##_##SUFFIX(const T* q, const T* k_cache, const T* v_cache,          \
@@ -357,6 +411,9 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
                                                       const T* weight, T* out, int rows,         \
                                                       int hidden, float eps) {                   \
         add_rms_norm<T>(x, delta, weight, out, rows, hidden, eps);                               \
+    }                                                                                            \
+    extern "C" __global__ void gemv_##SUFFIX(const T* x, const T* w, T* y, int M, int N, int K) { \
+        gemv<T>(x, w, y, M, N, K);                                                               \
     }                                                                                            \
     extern "C" __global__ void swiglu_##SUFFIX(const T* gate_up, T* out, int rows, int inter) {  \
         swiglu<T>(gate_up, out, rows, inter);                                                    \

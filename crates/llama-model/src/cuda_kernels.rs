@@ -418,3 +418,70 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .apply_op1_no_bwd(&Swiglu(std::marker::PhantomData))
 }
+
+/// Most rows the skinny-matmul kernel takes; must match GEMV_MAX_M in llama.cu.
+pub const GEMV_MAX_ROWS: usize = 8;
+const GEMV_ROWS_PER_WARP: usize = 4;
+
+/// `x · wᵀ` for a handful of rows, streaming the weight once.
+struct Gemv<'a> {
+    weight: &'a Tensor,
+}
+
+impl Gemv<'_> {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        x: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev: &CudaDevice = &x.device;
+        let &[m, k] = l.dims() else {
+            bail!("gemv: x must be [rows, in_features]")
+        };
+        let &[n, wk] = self.weight.dims() else {
+            bail!("gemv: weight must be [out_features, in_features]")
+        };
+        if wk != k || m > GEMV_MAX_ROWS || k % 8 != 0 {
+            bail!("gemv: x [{m}, {k}] · w [{n}, {wk}]ᵀ is not a shape this kernel takes");
+        }
+        let w = Held::new(self.weight, "weight");
+        let x_v = cuda_view::<T>(x, l, "x")?;
+        let w_v = w.view::<T>()?;
+        let out = unsafe { dev.alloc::<T>(m * n)? };
+        let func =
+            dev.get_or_load_custom_func(&format!("gemv_{}", suffix(x.dtype())?), MODULE, PTX)?;
+        let ints = dims_i32(&[m, n, k]);
+        let mut b = func.builder();
+        b.arg(&x_v).arg(&w_v).arg(&out);
+        b.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
+        const WARPS: usize = 4;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(WARPS * GEMV_ROWS_PER_WARP) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((m, n)),
+        ))
+    }
+}
+cuda_op1!(Gemv, "llama-gemv");
+
+/// Whether [`gemv`] takes `x · wᵀ`: few rows, same dtype, 16-byte aligned rows.
+pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cuda()
+        && x.rank() == 2
+        && w.rank() == 2
+        && x.dims()[0] <= GEMV_MAX_ROWS
+        && x.dims()[1] == w.dims()[1]
+        && x.dims()[1] % 8 == 0
+        && x.dtype() == w.dtype()
+        && w.is_contiguous()
+}
+
+/// `x: [rows ≤ 8, in] · w: [out, in]ᵀ → [rows, out]`.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Gemv { weight: w })
+}

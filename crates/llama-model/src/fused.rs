@@ -7,6 +7,7 @@ use candle_core::Tensor;
 
 use crate::attention::{self, AttentionMeta};
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::rope::RopeTables;
 
 /// `(x + delta, rms_norm(x + delta) * weight)`: the new residual stream and
@@ -26,6 +27,20 @@ pub fn add_rms_norm(
     let sum = (x + delta)?;
     let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
     Ok((sum, normed))
+}
+
+/// `x · wᵀ` through the model's [`Linear`]; on CUDA, decode-sized batches go
+/// to a weight-streaming kernel (cuBLAS leaves half the bandwidth unused there).
+pub fn linear(layer: &Linear, x: &Tensor, meta: &AttentionMeta) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if meta.use_cuda_kernels(x.device()) {
+        let Linear::Dense(w) = layer;
+        if crate::cuda_kernels::gemv_applies(x, w) {
+            return Ok(crate::cuda_kernels::gemv(x, w)?);
+        }
+    }
+    let _ = meta;
+    Ok(layer.forward(x)?)
 }
 
 /// `[rows, 2 * inter]` (gate, then up) → `silu(gate) * up`.

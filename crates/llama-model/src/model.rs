@@ -236,15 +236,15 @@ impl LlamaModel {
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [n, hidden]
         let mut normed = candle_nn::ops::rms_norm(&x, &layers[0].input_norm, eps)?;
         for (layer_idx, layer) in layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2 kvh) d]
+            let qkv = fused::linear(&layer.qkv, &normed, &meta)?; // [n, (h + 2 kvh) d]
             let caches = kv.layer(layer_idx);
             let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, &meta)?;
             let attn =
                 attention::paged_attention(&q, caches.0, caches.1, &meta)?.reshape((n, h * d))?;
-            let attn_out = layer.o.forward(&attn)?;
+            let attn_out = fused::linear(&layer.o, &attn, &meta)?;
             (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, &meta)?;
-            let act = fused::swiglu(&layer.gate_up.forward(&normed)?, &meta)?;
-            let mlp_out = layer.down.forward(&act)?;
+            let act = fused::swiglu(&fused::linear(&layer.gate_up, &normed, &meta)?, &meta)?;
+            let mlp_out = fused::linear(&layer.down, &act, &meta)?;
             let next_norm = match layers.get(layer_idx + 1) {
                 Some(next) => &next.input_norm,
                 None => &self.weights.norm,
@@ -258,7 +258,7 @@ impl LlamaModel {
         } else {
             normed.index_select(&Tensor::from_vec(rows, num_rows, &self.device)?, 0)?
         };
-        let values = self.weights.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let values = fused::linear(&self.weights.lm_head, &x, &meta)?.to_dtype(DType::F32)?;
         Ok(Logits {
             values,
             last_row,

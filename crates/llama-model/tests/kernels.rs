@@ -22,7 +22,10 @@ fn device() -> Device {
 /// Deterministic values in [-2, 2] that differ from element to element.
 fn wave(shape: &[usize], freq: f64, phase: f64, dtype: DType, dev: &Device) -> Tensor {
     let n: usize = shape.iter().product();
-    Tensor::arange(0f32, n as f32, &Device::Cpu)
+    // u32 indices: an f32 arange stops counting at 2^24.
+    Tensor::arange(0u32, n as u32, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
         .unwrap()
         .affine(freq, phase)
         .unwrap()

@@ -74,10 +74,10 @@ done
 
 bench() { # name, kernels, batches, prompts, gen, time limit
   step "llama-bench $SHAPE $DTYPE on $DEVICE, kernels=$2"
-  timeout "$6" "$BIN/llama-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$2" \
+  timeout "$6" "$BIN/llama-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$2" ${PROFILE:-} \
     --batch-sizes "$3" --prompt-len "$4" --gen "$5" --json > "$OUT/$1.json" 2> "$OUT/$1.log" || { status=1; tail -n 5 "$OUT/$1.log"; }
 }
-bench bench-fused auto "$BATCHES" "$PROMPTS" "$GEN" 150
+PROFILE=--profile bench bench-fused auto "$BATCHES" "$PROMPTS" "$GEN" 150
 bench bench-generic generic "$BEFORE_BATCHES" "$BEFORE_PROMPT" 16 90
 
 step "engine-bench $SHAPE $DTYPE on $DEVICE at $ENGINE_LEVELS concurrent, KV pool $ENGINE_KV"
@@ -105,6 +105,21 @@ if fused:
         gs = f"{g['decode_tok_s']:.1f}" if g else "-"
         sp = f"{r['decode_tok_s'] / g['decode_tok_s']:.1f}x" if g else "-"
         print(f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {gs} | {sp} | {r['ms_per_step']:.2f} | {r.get('submit_ms_per_step', float('nan')):.2f} |")
+if fused and fused["results"][0].get("prefill_profile_ms"):
+    rows = fused["results"]
+    longest = max(r["prompt_len"] for r in rows)
+    picks = [("prefill 1x%d" % longest, next(r for r in rows if r["prompt_len"] == longest)["prefill_profile_ms"])]
+    for r in rows:
+        if r["prompt_len"] == min(x["prompt_len"] for x in rows) and r["batch"] in (min(x["batch"] for x in rows), max(x["batch"] for x in rows)):
+            picks.append(("decode b%d ctx%d" % (r["batch"], r["prompt_len"]), r["decode_profile_ms"]))
+    names = [n for n, _ in picks[0][1]]
+    print("\nwhere a step's time goes (ms, device synced after each stage):")
+    print("| stage | " + " | ".join(p for p, _ in picks) + " |")
+    print("|---|" + "---:|" * len(picks))
+    for name in names:
+        vals = [dict(v).get(name, 0.0) for _, v in picks]
+        print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in vals) + " |")
+    print("| total | " + " | ".join(f"{sum(t for _, t in v):.2f}" for _, v in picks) + " |")
 if engine:
     print("\n| engine concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -18,6 +18,7 @@ pub mod kv;
 pub mod linear;
 pub mod loader;
 pub mod model;
+pub mod profile;
 pub mod rope;
 pub mod shapes;
 pub mod weights;

@@ -8,6 +8,7 @@ use crate::error::{ModelError, Result};
 use crate::fused;
 use crate::kv::{BlockTable, KvCache};
 use crate::loader::SafetensorsWeights;
+use crate::profile;
 use crate::rope::RopeTables;
 use crate::weights::LlamaWeights;
 
@@ -233,18 +234,29 @@ impl LlamaModel {
 
         // The residual stream `x` and the next sublayer's normed input travel
         // together: each residual add is fused with the norm that follows it.
+        profile::mark("step setup", &self.device);
         let mut x = self.weights.embed.index_select(&ids, 0)?; // [n, hidden]
         let mut normed = candle_nn::ops::rms_norm(&x, &layers[0].input_norm, eps)?;
         for (layer_idx, layer) in layers.iter().enumerate() {
+            profile::mark("norms", &self.device);
             let qkv = fused::linear(&layer.qkv, &normed, &meta)?; // [n, (h + 2 kvh) d]
+            profile::mark("qkv matmul", &self.device);
             let caches = kv.layer(layer_idx);
             let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, &meta)?;
+            profile::mark("rope + kv write", &self.device);
             let attn =
                 attention::paged_attention(&q, caches.0, caches.1, &meta)?.reshape((n, h * d))?;
+            profile::mark("attention", &self.device);
             let attn_out = fused::linear(&layer.o, &attn, &meta)?;
+            profile::mark("o matmul", &self.device);
             (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, &meta)?;
-            let act = fused::swiglu(&fused::linear(&layer.gate_up, &normed, &meta)?, &meta)?;
+            profile::mark("norms", &self.device);
+            let gate_up = fused::linear(&layer.gate_up, &normed, &meta)?;
+            profile::mark("gate_up matmul", &self.device);
+            let act = fused::swiglu(&gate_up, &meta)?;
+            profile::mark("swiglu", &self.device);
             let mlp_out = fused::linear(&layer.down, &act, &meta)?;
+            profile::mark("down matmul", &self.device);
             let next_norm = match layers.get(layer_idx + 1) {
                 Some(next) => &next.input_norm,
                 None => &self.weights.norm,
@@ -258,7 +270,9 @@ impl LlamaModel {
         } else {
             normed.index_select(&Tensor::from_vec(rows, num_rows, &self.device)?, 0)?
         };
+        profile::mark("norms", &self.device);
         let values = fused::linear(&self.weights.lm_head, &x, &meta)?.to_dtype(DType::F32)?;
+        profile::mark("lm head", &self.device);
         Ok(Logits {
             values,
             last_row,

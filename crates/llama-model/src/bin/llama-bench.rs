@@ -46,6 +46,10 @@ struct Args {
     /// the kernels' gain in one run.
     #[arg(long, default_value = "auto", value_parser = ["auto", "generic"])]
     kernels: String,
+    /// After timing, run one prefill and one decode step per row with a device
+    /// sync after every stage, and report where the time went.
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -71,6 +75,16 @@ struct Row {
     ms_per_step: f64,
     /// Host time to enqueue one step's forward (before reading back the ids).
     submit_ms_per_step: f64,
+    /// `--profile`: milliseconds per forward stage.
+    prefill_profile: Vec<(&'static str, f64)>,
+    decode_profile: Vec<(&'static str, f64)>,
+}
+
+fn stages_ms(stages: Vec<(&'static str, std::time::Duration)>) -> Vec<(&'static str, f64)> {
+    stages
+        .into_iter()
+        .map(|(name, d)| (name, d.as_secs_f64() * 1000.0))
+        .collect()
 }
 
 fn main() -> Result<()> {
@@ -150,6 +164,13 @@ fn main() -> Result<()> {
         }
         synchronize(&model)?;
         let prefill_tok_s = (prompt_len * reps) as f64 / t0.elapsed().as_secs_f64();
+        let prefill_profile = if args.profile {
+            llama_model::profile::start();
+            run_prefill()?;
+            stages_ms(llama_model::profile::finish())
+        } else {
+            Vec::new()
+        };
         alloc.release(&mut table)?;
 
         for &batch_size in &args.batch_sizes {
@@ -196,6 +217,13 @@ fn main() -> Result<()> {
             }
             synchronize(&model)?;
             let secs = t0.elapsed().as_secs_f64();
+            let decode_profile = if args.profile {
+                llama_model::profile::start();
+                decode_step(pos, &mut last)?;
+                stages_ms(llama_model::profile::finish())
+            } else {
+                Vec::new()
+            };
             for t in tables.iter_mut() {
                 alloc.release(t)?;
             }
@@ -206,6 +234,8 @@ fn main() -> Result<()> {
                 decode_tok_s: (batch_size * args.gen) as f64 / secs,
                 ms_per_step: secs * 1000.0 / args.gen as f64,
                 submit_ms_per_step: submit_secs.get() * 1000.0 / args.gen as f64,
+                prefill_profile: prefill_profile.clone(),
+                decode_profile,
             });
             if !args.json {
                 let r = rows.last().unwrap();
@@ -230,6 +260,8 @@ fn main() -> Result<()> {
                     "decode_tok_s": r.decode_tok_s,
                     "ms_per_step": r.ms_per_step,
                     "submit_ms_per_step": r.submit_ms_per_step,
+                    "prefill_profile_ms": r.prefill_profile,
+                    "decode_profile_ms": r.decode_profile,
                 })
             })
             .collect();

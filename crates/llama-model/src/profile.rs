@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+/// When recording: the last mark's time and every stage seen since `start`.
+type Recording = Option<(Instant, Vec<(&'static str, Duration)>)>;
+
 thread_local! {
-    static STAGES: RefCell<Option<(Instant, Vec<(&'static str, Duration)>)>> =
-        const { RefCell::new(None) };
+    static STAGES: RefCell<Recording> = const { RefCell::new(None) };
 }
 
 /// Starts recording on this thread (clears what was recorded).

@@ -167,6 +167,11 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         for (int i = 0; i < MAX_DPL; ++i) acc[g][i] = 0.f;
     }
 
+    // Per-warp scratch after the queries: 32 slots, then G x 32 probabilities.
+    __shared__ uint32_t slots_smem[ATTN_WARPS][32];
+    __shared__ float p_smem[ATTN_WARPS][G * 32];
+    uint32_t* chunk_slot = slots_smem[warp];
+    float* chunk_p = p_smem[warp];
     const size_t row_stride = (size_t)kvh * d;
     const T* k_head = k_cache + (size_t)kv_head * d;
     const T* v_head = v_cache + (size_t)kv_head * d;
@@ -218,12 +223,18 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             for (int i = 0; i < MAX_DPL; ++i) acc[g][i] *= correction;
             score[g] = p;
         }
+        // The chunk's slots and probabilities go through this warp's corner of
+        // shared memory: read back as broadcasts, they leave the V loop free
+        // of shuffles, so the compiler can keep many row loads in flight.
+        chunk_slot[lane] = slot;
+#pragma unroll
+        for (int g = 0; g < G; ++g) chunk_p[g * 32 + lane] = score[g];
+        __syncwarp();
         // acc[dim] += sum_j p_j v_j[dim]; lanes split the dims so each V row
-        // read is coalesced. Unrolled so that several rows are in flight.
+        // read is coalesced.
 #pragma unroll 8
         for (int j = 0; j < n_keys; ++j) {
-            const uint32_t sj = __shfl_sync(0xffffffffu, slot, j);
-            const T* vrow = v_head + (size_t)sj * row_stride;
+            const T* vrow = v_head + (size_t)chunk_slot[j] * row_stride;
             float vv[MAX_DPL];
 #pragma unroll
             for (int i = 0; i < MAX_DPL; ++i) {
@@ -233,11 +244,12 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 if (g >= group) break;
-                const float p = __shfl_sync(0xffffffffu, score[g], j);
+                const float p = chunk_p[g * 32 + j];
 #pragma unroll
                 for (int i = 0; i < MAX_DPL; ++i) acc[g][i] += p * vv[i];
             }
         }
+        __syncwarp();
     }
 
     // Merge the warps: per warp and group, m, l and acc[d] go to shared memory.
@@ -333,60 +345,6 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
     }
 }
 
-// ---------------------------------------------------------------------------
-// Skinny matmul for decode: y[M, N] = x[M, K] · w[N, K]ᵀ with M ≤ 8. Pure
-// weight streaming: each warp walks GEMV_ROWS weight rows with 16-byte loads
-// and reuses every x load across them; f32 accumulation.
-// Needs K % 8 == 0 (16-byte aligned rows). grid: ceil(N / (warps * GEMV_ROWS)).
-#define GEMV_MAX_M 8
-#define GEMV_ROWS 4
-
-template <typename T>
-__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int M,
-                     int N, int K) {
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    const int n0 = warp * GEMV_ROWS;
-    if (n0 >= N) return;
-    float acc[GEMV_MAX_M][GEMV_ROWS];
-#pragma unroll
-    for (int m = 0; m < GEMV_MAX_M; ++m)
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) acc[m][r] = 0.f;
-#pragma unroll 2
-    for (int k = lane * 8; k < K; k += 256) {
-        float wv[GEMV_ROWS][8];
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
-            if (n0 + r < N) {
-                load8(w + (size_t)(n0 + r) * K + k, wv[r]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) wv[r][e] = 0.f;
-            }
-        }
-#pragma unroll
-        for (int m = 0; m < GEMV_MAX_M; ++m) {
-            if (m >= M) break;
-            float xv[8];
-            load8(x + (size_t)m * K + k, xv);
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r)
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[m][r] += xv[e] * wv[r][e];
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < GEMV_MAX_M; ++m) {
-        if (m >= M) break;
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
-            const float v = warp_sum(acc[m][r]);
-            if (lane == 0 && n0 + r < N) y[(size_t)m * N + n0 + r] = from_f32<T>(v);
-        }
-    }
-}
-
 #define ATTENTION(T, SUFFIX, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                \
         paged_attention_g##G##_##SUFFIX(const T* q, const T* k_cache, const T* v_cache,          \
@@ -411,9 +369,6 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
                                                       const T* weight, T* out, int rows,         \
                                                       int hidden, float eps) {                   \
         add_rms_norm<T>(x, delta, weight, out, rows, hidden, eps);                               \
-    }                                                                                            \
-    extern "C" __global__ void gemv_##SUFFIX(const T* x, const T* w, T* y, int M, int N, int K) { \
-        gemv<T>(x, w, y, M, N, K);                                                               \
     }                                                                                            \
     extern "C" __global__ void swiglu_##SUFFIX(const T* gate_up, T* out, int rows, int inter) {  \
         swiglu<T>(gate_up, out, rows, inter);                                                    \

@@ -302,35 +302,3 @@ fn forward_with_fused_kernels_matches_the_plain_path() {
         }
     }
 }
-
-/// Decode-sized matmuls (the CUDA weight-streaming kernel) against Candle's matmul.
-#[test]
-fn skinny_linear_matches_the_plain_path() {
-    let dev = device();
-    let seqs = step(&[(0, 1)]);
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        for (rows, k, n) in [
-            (1, 64, 96),
-            (3, 4096, 1001),
-            (8, 11008, 4096),
-            (5, 256, 32000),
-            (9, 64, 64),
-        ] {
-            let x = wave(&[rows, k], 0.07, 0.1, dtype, &dev);
-            let w = wave(&[n, k], 0.013, 0.6, dtype, &dev);
-            let layer = llama_model::linear::Linear::dense(w);
-            let run = |imp| {
-                let meta = AttentionMeta::new(seqs.clone(), BLOCK_SIZE, 1, 1, 16, imp);
-                fused::linear(&layer, &x, &meta).unwrap()
-            };
-            let (a, b) = (run(AttentionImpl::Auto), run(AttentionImpl::Generic));
-            assert_eq!(a.dims(), &[rows, n]);
-            let rel = rel_err(&a, &b);
-            println!("linear {dtype:?} {rows}x{k} · {n}x{k}: rel {rel:.2e}");
-            assert!(
-                rel < tolerance(dtype),
-                "{dtype:?} {rows}x{k} · {n}x{k}: {rel}"
-            );
-        }
-    }
-}

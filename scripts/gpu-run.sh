@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 
 if [ "${1:-}" = "--pack" ]; then
   mkdir -p "$CARRY"
-  for bin in llama-bench engine-bench; do
+  for bin in llama-bench engine-bench attention-bench; do
     [ -x "target/cuda/release/$bin" ] || continue
     cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -6 -f "$CARRY/$bin"
   done
@@ -80,6 +80,12 @@ bench() { # name, kernels, batches, prompts, gen, time limit
 PROFILE=--profile bench bench-fused auto "$BATCHES" "$PROMPTS" "$GEN" 150
 bench bench-generic generic "$BEFORE_BATCHES" "$BEFORE_PROMPT" 16 90
 
+step "attention-bench: the paged-attention kernel alone ($DTYPE, 7B heads)"
+ATT_CASES=1x128,1x512,1x4096,8x512,64x128,64x512,p1x512,p1x2048
+[ "$DEVICE" = cpu ] && ATT_CASES=1x128,4x64,p1x64
+timeout 60 "$BIN/attention-bench" --device "$DEVICE" --dtype "$DTYPE" --cases "$ATT_CASES" --json \
+  > "$OUT/attention.json" 2> "$OUT/attention.log" || { status=1; tail -n 5 "$OUT/attention.log"; }
+
 step "engine-bench $SHAPE $DTYPE on $DEVICE at $ENGINE_LEVELS concurrent, KV pool $ENGINE_KV"
 timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
   --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
@@ -95,6 +101,12 @@ def load(name):
         print(f"({name}: {e})")
         return None
 fused, generic, engine = load("bench-fused.json"), load("bench-generic.json"), load("engine.json")
+att = load("attention.json")
+if att:
+    print("\n| attention case | µs per call | GB/s of K/V read |")
+    print("|---|---:|---:|")
+    for r in att["results"]:
+        print(f"| {r['case']} | {r['us']:.1f} | {r['kv_gb_s']:.0f} |")
 gen_rows = {(r["batch"], r["prompt_len"]): r for r in (generic or {}).get("results", [])}
 if fused:
     print(f"\n{fused['shape']} {fused['dtype']} on {fused['device']}, peak RSS {fused['peak_rss_bytes']/2**20:.0f} MiB")

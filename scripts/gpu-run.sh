@@ -30,7 +30,7 @@ if [ "${1:-}" = "--pack" ]; then
     cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -6 -f "$CARRY/$bin"
   done
   for test in reference kernels; do
-    test_bin=$(ls -t target/cuda/release/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+    test_bin=$(ls -t target/cuda/release/deps/$test-* 2>/dev/null | grep -v "\.d$" | head -n 1)
     if [ -n "$test_bin" ]; then
       cp "$test_bin" "$CARRY/$test" && strip "$CARRY/$test" && xz -T2 -6 -f "$CARRY/$test"
     fi

@@ -123,8 +123,9 @@ __device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ c
 // tok_pos:  [n] u32     the token's position; it sees keys 0..=pos (causal)
 // tok_seq:  [n] u32     row of its sequence in block_tables
 // block_tables: [num_seqs, max_blocks] u32
+// tokens: the tokens this launch serves (the decode tokens of the step)
 // out:    [n, h, d]
-// Launch: grid (n, kvh), block ATTN_WARPS * 32 threads,
+// Launch: grid (len(tokens), kvh), block ATTN_WARPS * 32 threads,
 // dynamic shared memory: (group * d) + ATTN_WARPS * group * (d + 2) floats.
 #define ATTN_WARPS 4
 #define MAX_DPL 8   // head_dim up to 256: 8 dims per lane
@@ -136,11 +137,12 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
                                 const T* __restrict__ v_cache,
                                 const uint32_t* __restrict__ tok_pos,
                                 const uint32_t* __restrict__ tok_seq,
-                                const uint32_t* __restrict__ block_tables, T* __restrict__ out,
+                                const uint32_t* __restrict__ block_tables,
+                                const uint32_t* __restrict__ tokens, T* __restrict__ out,
                                 int h, int kvh, int d, int block_size, int max_blocks,
                                 float scale) {
     extern __shared__ float smem[];
-    const int t = blockIdx.x;
+    const int t = tokens[blockIdx.x];
     const int kv_head = blockIdx.y;
     const int group = h / kvh;
     const int warp = threadIdx.x / 32;
@@ -345,14 +347,128 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
     }
 }
 
+// ---------------------------------------------------------------------------
+// Prefill attention, tiled over queries: one block per (tile of consecutive
+// prompt tokens of one sequence, kv head), one warp per (token, query head).
+// The block stages each 32-key chunk of K and V in shared memory once for all
+// its warps, so a prompt's keys are read from memory once per tile instead of
+// once per token; each warp keeps its own online softmax, so nothing of size
+// [T, T] is ever stored.
+//
+// tiles: [num_tiles, 2] u32 (first token, token count); tile tokens share a
+//        sequence and have consecutive positions.
+// Launch: grid (num_tiles, kvh), block (tile_tokens * group) warps (<= 8),
+// dynamic shared memory: see prefill_smem_bytes in cuda_kernels.rs.
+template <typename T>
+__device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__ k_cache,
+                                  const T* __restrict__ v_cache,
+                                  const uint32_t* __restrict__ tok_pos,
+                                  const uint32_t* __restrict__ tok_seq,
+                                  const uint32_t* __restrict__ block_tables,
+                                  const uint32_t* __restrict__ tiles, T* __restrict__ out, int h,
+                                  int kvh, int d, int block_size, int max_blocks, float scale) {
+    extern __shared__ float smem[];
+    const int warps = blockDim.x / 32;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int kv_head = blockIdx.y;
+    const int group = h / kvh;
+    const int first = (int)tiles[2 * blockIdx.x];
+    const int count = (int)tiles[2 * blockIdx.x + 1];
+    const int tok_in_tile = warp / group;
+    const int head = kv_head * group + warp % group;
+    const bool active = tok_in_tile < count;
+    const int t = first + min(tok_in_tile, count - 1);
+    const int my_ctx = (int)tok_pos[t] + 1;
+    const int ctx_max = (int)tok_pos[first + count - 1] + 1;
+    const uint32_t* table = block_tables + (size_t)tok_seq[first] * max_blocks;
+
+    // Shared memory: queries [warps][d] f32, chunk probabilities [warps][32],
+    // chunk slots [32], then K and V chunks [32][d + pad] in T, rows padded by
+    // 4 bytes so that lane j reading row j hits bank j.
+    float* qs = smem;
+    float* ps = qs + warps * d;
+    uint32_t* chunk_slots = reinterpret_cast<uint32_t*>(ps + warps * 32);
+    const int pad = 4 / sizeof(T);
+    const int kstride = d + pad;
+    T* ks = reinterpret_cast<T*>(chunk_slots + 32);
+    T* vs = ks + 32 * kstride;
+
+    for (int i = lane; i < d; i += 32) qs[warp * d + i] = to_f32(q[((size_t)t * h + head) * d + i]) * scale;
+
+    float m = -INFINITY, l = 0.f;
+    float acc[MAX_DPL];
+#pragma unroll
+    for (int i = 0; i < MAX_DPL; ++i) acc[i] = 0.f;
+    const size_t row_stride = (size_t)kvh * d;
+    const T* k_head = k_cache + (size_t)kv_head * d;
+    const T* v_head = v_cache + (size_t)kv_head * d;
+
+    for (int base = 0; base < ctx_max; base += 32) {
+        const int n_keys = min(32, ctx_max - base);
+        __syncthreads();  // the previous chunk is no longer read
+        if (threadIdx.x < n_keys) {
+            const int key = base + threadIdx.x;
+            chunk_slots[threadIdx.x] = table[key / block_size] * (uint32_t)block_size + key % block_size;
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < n_keys * d; e += blockDim.x) {
+            const int j = e / d, dim = e % d;
+            const size_t off = (size_t)chunk_slots[j] * row_stride + dim;
+            ks[j * kstride + dim] = k_head[off];
+            vs[j * kstride + dim] = v_head[off];
+        }
+        __syncthreads();
+        // Lane j scores key base + j against this warp's query.
+        const int key = base + lane;
+        const bool valid = active && lane < n_keys && key < my_ctx;
+        float s = -INFINITY;
+        if (valid) {
+            float dot = 0.f;
+            const T* krow = ks + lane * kstride;
+            const float* qw = qs + warp * d;
+            for (int i = 0; i < d; ++i) dot += qw[i] * to_f32(krow[i]);
+            s = dot;
+        }
+        const float m_new = fmaxf(m, warp_max(s));
+        if (m_new == -INFINITY) continue;  // no visible key in this chunk for this warp
+        const float correction = __expf(m - m_new);
+        const float p = valid ? __expf(s - m_new) : 0.f;
+        l = l * correction + warp_sum(p);
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < MAX_DPL; ++i) acc[i] *= correction;
+        ps[warp * 32 + lane] = p;
+        __syncwarp();
+        for (int j = 0; j < n_keys; ++j) {
+            const float pj = ps[warp * 32 + j];
+            const T* vrow = vs + j * kstride;
+#pragma unroll
+            for (int i = 0; i < MAX_DPL; ++i) {
+                const int dim = lane + 32 * i;
+                if (dim < d) acc[i] += pj * to_f32(vrow[dim]);
+            }
+        }
+        __syncwarp();
+    }
+    if (!active) return;
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int i = 0; i < MAX_DPL; ++i) {
+        const int dim = lane + 32 * i;
+        if (dim < d) out[((size_t)t * h + head) * d + dim] = from_f32<T>(acc[i] * inv);
+    }
+}
+
 #define ATTENTION(T, SUFFIX, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                \
         paged_attention_g##G##_##SUFFIX(const T* q, const T* k_cache, const T* v_cache,          \
                                         const uint32_t* tok_pos, const uint32_t* tok_seq,        \
-                                        const uint32_t* block_tables, T* out, int h, int kvh,    \
-                                        int d, int block_size, int max_blocks, float scale) {    \
-        paged_attention<T, G>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, out, h, kvh,  \
-                              d, block_size, max_blocks, scale);                                 \
+                                        const uint32_t* block_tables, const uint32_t* tokens,    \
+                                        T* out, int h, int kvh, int d, int block_size,           \
+                                        int max_blocks, float scale) {                           \
+        paged_attention<T, G>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, tokens, out,  \
+                              h, kvh, d, block_size, max_blocks, scale);                         \
     }
 
 #define INSTANTIATE(T, SUFFIX)                                                                   \
@@ -365,6 +481,13 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
     ATTENTION(T, SUFFIX, 2)                                                                      \
     ATTENTION(T, SUFFIX, 4)                                                                      \
     ATTENTION(T, SUFFIX, 8)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) prefill_attention_##SUFFIX(                \
+        const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,                 \
+        const uint32_t* tok_seq, const uint32_t* block_tables, const uint32_t* tiles, T* out,    \
+        int h, int kvh, int d, int block_size, int max_blocks, float scale) {                    \
+        prefill_attention<T>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, tiles, out, h, \
+                             kvh, d, block_size, max_blocks, scale);                             \
+    }                                                                                            \
     extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta,                 \
                                                       const T* weight, T* out, int rows,         \
                                                       int hidden, float eps) {                   \

@@ -64,14 +64,38 @@ fn dims_i32(v: &[usize]) -> Vec<i32> {
 }
 
 /// The per-step metadata the kernels read, packed in one u32 buffer uploaded
-/// once per step: positions, cache slots, each token's sequence row, and the
-/// block tables padded to the longest.
+/// once per step: positions, cache slots, each token's sequence row, the
+/// block tables padded to the longest, and how attention splits the tokens:
+/// decode tokens (one new token in their sequence), prompt tokens, and the
+/// prompt tokens' query tiles for the tiled prefill kernel.
 pub struct StepMeta {
     pub positions: Tensor,
     pub slots: Tensor,
     pub tok_seq: Tensor,
     pub block_tables: Tensor,
     pub max_blocks: usize,
+    pub decode_tokens: Option<Tensor>,
+    pub prefill_tokens: Option<Tensor>,
+    /// `[num_tiles, 2]`: first token, token count.
+    pub tiles: Option<Tensor>,
+    pub num_tiles: usize,
+    pub tile_tokens: usize,
+}
+
+/// One sequence of the step, as the kernels' metadata needs it.
+pub struct StepSeq<'a> {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub blocks: &'a [u32],
+}
+
+/// Warps per prefill block: tile tokens × query heads per kv head.
+const PREFILL_WARPS: usize = 8;
+
+/// Prompt tokens per prefill tile for this grouping, or `None` when the
+/// group is too large for one block (those prompts use the decode kernel).
+pub fn prefill_tile_tokens(group: usize) -> Option<usize> {
+    (group <= PREFILL_WARPS).then(|| (PREFILL_WARPS / group).max(1))
 }
 
 impl StepMeta {
@@ -79,27 +103,67 @@ impl StepMeta {
         positions: &[u32],
         slots: &[u32],
         tok_seq: &[u32],
-        tables: &[&[u32]],
+        seqs: &[StepSeq],
+        group: usize,
         device: &candle_core::Device,
     ) -> Result<Self> {
         let n = positions.len();
-        let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
-        let mut packed = Vec::with_capacity(3 * n + tables.len() * max_blocks);
+        let max_blocks = seqs
+            .iter()
+            .map(|s| s.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let tile_tokens = prefill_tile_tokens(group).unwrap_or(1);
+        let mut decode = Vec::new();
+        let mut prefill = Vec::new();
+        let mut tiles = Vec::new();
+        for s in seqs {
+            let range = s.q_start as u32..(s.q_start + s.q_len) as u32;
+            if s.q_len == 1 {
+                decode.extend(range);
+                continue;
+            }
+            prefill.extend(range);
+            let mut first = s.q_start;
+            while first < s.q_start + s.q_len {
+                let count = tile_tokens.min(s.q_start + s.q_len - first);
+                tiles.extend([first as u32, count as u32]);
+                first += count;
+            }
+        }
+        let mut packed = Vec::with_capacity(
+            3 * n + seqs.len() * max_blocks + decode.len() + prefill.len() + tiles.len(),
+        );
         packed.extend_from_slice(positions);
         packed.extend_from_slice(slots);
         packed.extend_from_slice(tok_seq);
-        for t in tables {
-            packed.extend_from_slice(t);
-            packed.extend(std::iter::repeat_n(0, max_blocks - t.len()));
+        for s in seqs {
+            packed.extend_from_slice(s.blocks);
+            packed.extend(std::iter::repeat_n(0, max_blocks - s.blocks.len()));
         }
+        let (d0, p0) = (packed.len(), packed.len() + decode.len());
+        let t0 = p0 + prefill.len();
+        let (nd, np, nt) = (decode.len(), prefill.len(), tiles.len());
+        packed.extend(decode);
+        packed.extend(prefill);
+        packed.extend(tiles);
         let len = packed.len();
         let all = Tensor::from_vec(packed, len, device)?;
+        let part = |start: usize, len: usize| -> Result<Option<Tensor>> {
+            (len > 0).then(|| all.narrow(0, start, len)).transpose()
+        };
         Ok(Self {
             positions: all.narrow(0, 0, n)?,
             slots: all.narrow(0, n, n)?,
             tok_seq: all.narrow(0, 2 * n, n)?,
-            block_tables: all.narrow(0, 3 * n, tables.len() * max_blocks)?,
+            block_tables: all.narrow(0, 3 * n, seqs.len() * max_blocks)?,
             max_blocks,
+            decode_tokens: part(d0, nd)?,
+            prefill_tokens: part(p0, np)?,
+            tiles: part(t0, nt)?,
+            num_tiles: nt / 2,
+            tile_tokens,
         })
     }
 }
@@ -260,28 +324,73 @@ impl PagedAttention<'_> {
         );
         let (kc_v, vc_v) = (kc.view::<T>()?, vc.view::<T>()?);
         let out = unsafe { dev.alloc::<T>(n * h * d)? };
-        // The kernel built for the smallest group bound that fits (see llama.cu).
-        let bound = group.next_power_of_two();
-        let func = dev.get_or_load_custom_func(
-            &format!("paged_attention_g{bound}_{}", suffix(q.dtype())?),
-            MODULE,
-            PTX,
-        )?;
         let ints = dims_i32(&[h, kvh, d, self.block_size, self.meta.max_blocks]);
-        let mut b = func.builder();
-        b.arg(&q_v).arg(&kc_v).arg(&vc_v);
-        b.arg(&pos_v).arg(&seq_v).arg(&tables_v).arg(&out);
-        for i in &ints {
-            b.arg(i);
+        let elem = std::mem::size_of::<T>();
+        let warps = self.meta.tile_tokens * group;
+        let prefill_smem = 4 * (warps * d + warps * 32 + 32) + 2 * 32 * (d + 4 / elem) * elem;
+        let tiled = prefill_tile_tokens(group).is_some() && prefill_smem <= 48 * 1024;
+
+        // Decode tokens, plus the prompt tokens when the tiled kernel cannot take them.
+        let mut per_token: Vec<&Tensor> = self.meta.decode_tokens.iter().collect();
+        if !tiled {
+            per_token.extend(self.meta.prefill_tokens.iter());
         }
-        b.arg(&self.scale);
-        let smem_floats = group * d + ATTN_WARPS as usize * group * (d + 2);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, kvh as u32, 1),
-            block_dim: (ATTN_WARPS * 32, 1, 1),
-            shared_mem_bytes: (smem_floats * 4) as u32,
-        };
-        unsafe { b.launch(cfg) }.w()?;
+        for list in per_token {
+            let count = list.dims()[0];
+            let held = Held::new(list, "token list");
+            let list_v = held.view::<u32>()?;
+            // The kernel built for the smallest group bound that fits (see llama.cu).
+            let bound = group.next_power_of_two();
+            let func = dev.get_or_load_custom_func(
+                &format!("paged_attention_g{bound}_{}", suffix(q.dtype())?),
+                MODULE,
+                PTX,
+            )?;
+            let mut b = func.builder();
+            b.arg(&q_v).arg(&kc_v).arg(&vc_v);
+            b.arg(&pos_v)
+                .arg(&seq_v)
+                .arg(&tables_v)
+                .arg(&list_v)
+                .arg(&out);
+            for i in &ints {
+                b.arg(i);
+            }
+            b.arg(&self.scale);
+            let smem_floats = group * d + ATTN_WARPS as usize * group * (d + 2);
+            let cfg = LaunchConfig {
+                grid_dim: (count as u32, kvh as u32, 1),
+                block_dim: (ATTN_WARPS * 32, 1, 1),
+                shared_mem_bytes: (smem_floats * 4) as u32,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        if let (true, Some(tiles)) = (tiled, &self.meta.tiles) {
+            let held = Held::new(tiles, "prefill tiles");
+            let tiles_v = held.view::<u32>()?;
+            let func = dev.get_or_load_custom_func(
+                &format!("prefill_attention_{}", suffix(q.dtype())?),
+                MODULE,
+                PTX,
+            )?;
+            let mut b = func.builder();
+            b.arg(&q_v).arg(&kc_v).arg(&vc_v);
+            b.arg(&pos_v)
+                .arg(&seq_v)
+                .arg(&tables_v)
+                .arg(&tiles_v)
+                .arg(&out);
+            for i in &ints {
+                b.arg(i);
+            }
+            b.arg(&self.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (self.meta.num_tiles as u32, kvh as u32, 1),
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: prefill_smem as u32,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+        }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((n, h, d)),

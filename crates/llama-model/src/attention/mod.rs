@@ -117,12 +117,21 @@ impl AttentionMeta {
             positions.extend((s.start_pos..s.context_len()).map(|p| p as u32));
             tok_seq.extend(std::iter::repeat_n(i as u32, s.q_len));
         }
-        let tables: Vec<&[u32]> = self.seqs.iter().map(|s| s.blocks.as_slice()).collect();
+        let seqs: Vec<crate::cuda_kernels::StepSeq> = self
+            .seqs
+            .iter()
+            .map(|s| crate::cuda_kernels::StepSeq {
+                q_start: s.q_start,
+                q_len: s.q_len,
+                blocks: &s.blocks,
+            })
+            .collect();
         let m = crate::cuda_kernels::StepMeta::new(
             &positions,
             &self.slot_mapping,
             &tok_seq,
-            &tables,
+            &seqs,
+            self.num_heads / self.num_kv_heads,
             device,
         )?;
         Ok(self.cuda_meta.get_or_init(|| m))

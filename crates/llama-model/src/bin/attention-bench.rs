@@ -24,7 +24,11 @@ struct Args {
     head_dim: usize,
     /// `SEQSxCTX` (decode: one new token per sequence at context CTX) or
     /// `pSEQSxLEN` (prefill: LEN new tokens per sequence from position 0).
-    #[arg(long, value_delimiter = ',', default_value = "1x128,1x512,1x4096,64x128,64x512,p1x512")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1x128,1x512,1x4096,64x128,64x512,p1x512"
+    )]
     cases: Vec<String>,
     #[arg(long, default_value_t = 20)]
     iters: usize,
@@ -100,7 +104,10 @@ fn main() -> Result<()> {
         rows.push(serde_json::json!({"case": case, "us": us, "kv_gb_s": gbs}));
     }
     if args.json {
-        println!("{}", serde_json::json!({"device": args.device, "kernels": args.kernels, "results": rows}));
+        println!(
+            "{}",
+            serde_json::json!({"device": args.device, "kernels": args.kernels, "results": rows})
+        );
     }
     Ok(())
 }

@@ -59,6 +59,40 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* out) {
     }
 }
 
+// One 16-byte vector as f32: 4 floats, or 8 halves / bfloat16s.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> {
+    static constexpr int N = 4;
+    __device__ __forceinline__ static void unpack(const uint4& r, float* out) {
+        out[0] = __uint_as_float(r.x); out[1] = __uint_as_float(r.y);
+        out[2] = __uint_as_float(r.z); out[3] = __uint_as_float(r.w);
+    }
+};
+template <> struct Vec16<__half> {
+    static constexpr int N = 8;
+    __device__ __forceinline__ static void unpack(const uint4& r, float* out) {
+        const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 f = __half22float2(h[i]);
+            out[2 * i] = f.x;
+            out[2 * i + 1] = f.y;
+        }
+    }
+};
+template <> struct Vec16<__nv_bfloat16> {
+    static constexpr int N = 8;
+    __device__ __forceinline__ static void unpack(const uint4& r, float* out) {
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 f = __bfloat1622float2(h[i]);
+            out[2 * i] = f.x;
+            out[2 * i + 1] = f.y;
+        }
+    }
+};
+
 // ---------------------------------------------------------------------------
 // RoPE on q and k straight out of the fused QKV projection, k and v written
 // into the paged cache, rotated q written out: one launch instead of two
@@ -132,7 +166,7 @@ __device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ c
 
 // G: compile-time bound on the group size (1, 2, 4 or 8), so that a plain
 // multi-head model does not pay registers for eight query heads.
-template <typename T, int G>
+template <typename T, int G, int DPL>
 __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_cache,
                                 const T* __restrict__ v_cache,
                                 const uint32_t* __restrict__ tok_pos,
@@ -160,13 +194,13 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
 
     float m[G];
     float l[G];
-    float acc[G][MAX_DPL];
+    float acc[G][DPL];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.f;
 #pragma unroll
-        for (int i = 0; i < MAX_DPL; ++i) acc[g][i] = 0.f;
+        for (int i = 0; i < DPL; ++i) acc[g][i] = 0.f;
     }
 
     // Per-warp scratch after the queries: 32 slots, then G x 32 probabilities.
@@ -190,17 +224,28 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
 #pragma unroll
         for (int g = 0; g < G; ++g) score[g] = 0.f;
         if (valid && d % 8 == 0) {
-            // Each lane reads its own key row, 16 bytes at a time.
-#pragma unroll 4
-            for (int i = 0; i < d; i += 8) {
-                float kv[8];
-                load8(krow + i, kv);
+            // Each lane reads its own key row, four 16-byte loads issued
+            // together before any use, so their latencies overlap.
+            constexpr int EPV = Vec16<T>::N;
+            for (int i0 = 0; i0 < d; i0 += 4 * EPV) {
+                uint4 raw[4];
 #pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    if (g >= group) break;
-                    const float* qg = qs + g * d + i;
+                for (int u = 0; u < 4; ++u)
+                    raw[u] = i0 + u * EPV < d
+                                 ? *reinterpret_cast<const uint4*>(krow + i0 + u * EPV)
+                                 : make_uint4(0, 0, 0, 0);
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) score[g] += qg[e] * kv[e];
+                for (int u = 0; u < 4; ++u) {
+                    if (i0 + u * EPV >= d) break;
+                    float kv[EPV];
+                    Vec16<T>::unpack(raw[u], kv);
+#pragma unroll
+                    for (int g = 0; g < G; ++g) {
+                        if (g >= group) break;
+                        const float* qg = qs + g * d + i0 + u * EPV;
+#pragma unroll
+                        for (int e = 0; e < EPV; ++e) score[g] += qg[e] * kv[e];
+                    }
                 }
             }
         } else if (valid) {
@@ -222,7 +267,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             l[g] = l[g] * correction + warp_sum(p);
             m[g] = m_new;
 #pragma unroll
-            for (int i = 0; i < MAX_DPL; ++i) acc[g][i] *= correction;
+            for (int i = 0; i < DPL; ++i) acc[g][i] *= correction;
             score[g] = p;
         }
         // The chunk's slots and probabilities go through this warp's corner of
@@ -233,22 +278,29 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         for (int g = 0; g < G; ++g) chunk_p[g * 32 + lane] = score[g];
         __syncwarp();
         // acc[dim] += sum_j p_j v_j[dim]; lanes split the dims so each V row
-        // read is coalesced.
-#pragma unroll 8
-        for (int j = 0; j < n_keys; ++j) {
-            const T* vrow = v_head + (size_t)chunk_slot[j] * row_stride;
-            float vv[MAX_DPL];
+        // read is coalesced. Eight rows are loaded before any is used.
+        for (int j0 = 0; j0 < n_keys; j0 += 8) {
+            T raw[8][DPL];
 #pragma unroll
-            for (int i = 0; i < MAX_DPL; ++i) {
-                const int dim = lane + 32 * i;
-                vv[i] = dim < d ? to_f32(vrow[dim]) : 0.f;
+            for (int jj = 0; jj < 8; ++jj) {
+                const int j = min(j0 + jj, n_keys - 1);
+                const T* vrow = v_head + (size_t)chunk_slot[j] * row_stride;
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) {
+                    const int dim = lane + 32 * i;
+                    raw[jj][i] = dim < d ? vrow[dim] : from_f32<T>(0.f);
+                }
             }
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                if (g >= group) break;
-                const float p = chunk_p[g * 32 + j];
+            for (int jj = 0; jj < 8; ++jj) {
+                if (j0 + jj >= n_keys) break;
 #pragma unroll
-                for (int i = 0; i < MAX_DPL; ++i) acc[g][i] += p * vv[i];
+                for (int g = 0; g < G; ++g) {
+                    if (g >= group) break;
+                    const float p = chunk_p[g * 32 + j0 + jj];
+#pragma unroll
+                    for (int i = 0; i < DPL; ++i) acc[g][i] += p * to_f32(raw[jj][i]);
+                }
             }
         }
         __syncwarp();
@@ -267,7 +319,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
             ws[1] = l[g];
         }
 #pragma unroll
-        for (int i = 0; i < MAX_DPL; ++i) {
+        for (int i = 0; i < DPL; ++i) {
             const int dim = lane + 32 * i;
             if (dim < d) ws[2 + dim] = acc[g][i];
         }
@@ -460,16 +512,19 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
     }
 }
 
-#define ATTENTION(T, SUFFIX, G)                                                                  \
+#define ATTENTION(T, SUFFIX, G, DPL)                                                             \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                \
-        paged_attention_g##G##_##SUFFIX(const T* q, const T* k_cache, const T* v_cache,          \
-                                        const uint32_t* tok_pos, const uint32_t* tok_seq,        \
-                                        const uint32_t* block_tables, const uint32_t* tokens,    \
-                                        T* out, int h, int kvh, int d, int block_size,           \
-                                        int max_blocks, float scale) {                           \
-        paged_attention<T, G>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, tokens, out,  \
-                              h, kvh, d, block_size, max_blocks, scale);                         \
+        paged_attention_g##G##_d##DPL##_##SUFFIX(                                                \
+            const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,             \
+            const uint32_t* tok_seq, const uint32_t* block_tables, const uint32_t* tokens,       \
+            T* out, int h, int kvh, int d, int block_size, int max_blocks, float scale) {        \
+        paged_attention<T, G, DPL>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, tokens,  \
+                                   out, h, kvh, d, block_size, max_blocks, scale);               \
     }
+#define ATTENTION_G(T, SUFFIX, G)                                                                \
+    ATTENTION(T, SUFFIX, G, 2)                                                                   \
+    ATTENTION(T, SUFFIX, G, 4)                                                                   \
+    ATTENTION(T, SUFFIX, G, 8)
 
 #define INSTANTIATE(T, SUFFIX)                                                                   \
     extern "C" __global__ void rope_write_kv_##SUFFIX(                                           \
@@ -477,10 +532,10 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
         const uint32_t* slots, T* q_out, T* k_cache, T* v_cache, int h, int kvh, int d) {        \
         rope_write_kv<T>(qkv, cos_t, sin_t, pos, slots, q_out, k_cache, v_cache, h, kvh, d);     \
     }                                                                                            \
-    ATTENTION(T, SUFFIX, 1)                                                                      \
-    ATTENTION(T, SUFFIX, 2)                                                                      \
-    ATTENTION(T, SUFFIX, 4)                                                                      \
-    ATTENTION(T, SUFFIX, 8)                                                                      \
+    ATTENTION_G(T, SUFFIX, 1)                                                                    \
+    ATTENTION_G(T, SUFFIX, 2)                                                                    \
+    ATTENTION_G(T, SUFFIX, 4)                                                                    \
+    ATTENTION_G(T, SUFFIX, 8)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) prefill_attention_##SUFFIX(                \
         const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,                 \
         const uint32_t* tok_seq, const uint32_t* block_tables, const uint32_t* tiles, T* out,    \

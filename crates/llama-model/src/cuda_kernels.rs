@@ -339,10 +339,15 @@ impl PagedAttention<'_> {
             let count = list.dims()[0];
             let held = Held::new(list, "token list");
             let list_v = held.view::<u32>()?;
-            // The kernel built for the smallest group bound that fits (see llama.cu).
+            // The kernel built for the smallest group bound and dims-per-lane
+            // that fit (see llama.cu).
             let bound = group.next_power_of_two();
+            let dims_per_lane = d.div_ceil(32).next_power_of_two().max(2);
             let func = dev.get_or_load_custom_func(
-                &format!("paged_attention_g{bound}_{}", suffix(q.dtype())?),
+                &format!(
+                    "paged_attention_g{bound}_d{dims_per_lane}_{}",
+                    suffix(q.dtype())?
+                ),
                 MODULE,
                 PTX,
             )?;

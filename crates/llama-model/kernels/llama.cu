@@ -159,9 +159,9 @@ __device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ c
 // block_tables: [num_seqs, max_blocks] u32
 // tokens: the tokens this launch serves (the decode tokens of the step)
 // out:    [n, h, d]
-// Launch: grid (len(tokens), kvh), block ATTN_WARPS * 32 threads,
-// dynamic shared memory: (group * d) + ATTN_WARPS * group * (d + 2) floats.
-#define ATTN_WARPS 4
+// Launch: grid (len(tokens), kvh), block of up to MAX_ATTN_WARPS warps,
+// dynamic shared memory: (group * d) + warps * group * (d + 2) floats.
+#define MAX_ATTN_WARPS 8
 #define MAX_DPL 8   // head_dim up to 256: 8 dims per lane
 
 // G: compile-time bound on the group size (1, 2, 4 or 8), so that a plain
@@ -204,15 +204,16 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     }
 
     // Per-warp scratch after the queries: 32 slots, then G x 32 probabilities.
-    __shared__ uint32_t slots_smem[ATTN_WARPS][32];
-    __shared__ float p_smem[ATTN_WARPS][G * 32];
+    __shared__ uint32_t slots_smem[MAX_ATTN_WARPS][32];
+    __shared__ float p_smem[MAX_ATTN_WARPS][G * 32];
+    const int warps = blockDim.x / 32;
     uint32_t* chunk_slot = slots_smem[warp];
     float* chunk_p = p_smem[warp];
     const size_t row_stride = (size_t)kvh * d;
     const T* k_head = k_cache + (size_t)kv_head * d;
     const T* v_head = v_cache + (size_t)kv_head * d;
-    // Warp w takes keys [32 * (w + ATTN_WARPS * c), +32) for c = 0, 1, ...
-    for (int base = warp * 32; base < ctx; base += ATTN_WARPS * 32) {
+    // Warp w takes keys [32 * (w + warps * c), +32) for c = 0, 1, ...
+    for (int base = warp * 32; base < ctx; base += warps * 32) {
         const int key = base + lane;
         const bool valid = key < ctx;
         // Each lane looks up the slot of its key once; the V pass below gets
@@ -307,7 +308,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     }
 
     // Merge the warps: per warp and group, m, l and acc[d] go to shared memory.
-    float* wstate = smem + group * d;  // [ATTN_WARPS, group, d + 2]
+    float* wstate = smem + group * d;  // [warps, group, d + 2]
     const int stride = d + 2;
     // Unrolled with constant indices so acc stays in registers.
 #pragma unroll
@@ -329,9 +330,9 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         const int g = i / d;
         const int dim = i % d;
         float m_all = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; ++w) m_all = fmaxf(m_all, wstate[(w * group + g) * stride]);
+        for (int w = 0; w < warps; ++w) m_all = fmaxf(m_all, wstate[(w * group + g) * stride]);
         float l_all = 0.f, o = 0.f;
-        for (int w = 0; w < ATTN_WARPS; ++w) {
+        for (int w = 0; w < warps; ++w) {
             const float* ws = wstate + (w * group + g) * stride;
             if (ws[0] == -INFINITY) continue;  // this warp saw no keys
             const float f = __expf(ws[0] - m_all);
@@ -409,7 +410,7 @@ __device__ void swiglu(const T* __restrict__ gate_up, T* __restrict__ out, int r
 //
 // tiles: [num_tiles, 2] u32 (first token, token count); tile tokens share a
 //        sequence and have consecutive positions.
-// Launch: grid (num_tiles, kvh), block (tile_tokens * group) warps (<= 8),
+// Launch: grid (num_tiles, kvh), block (tile_tokens * group) warps (<= 16),
 // dynamic shared memory: see prefill_smem_bytes in cuda_kernels.rs.
 template <typename T>
 __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__ k_cache,
@@ -436,12 +437,15 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
     const uint32_t* table = block_tables + (size_t)tok_seq[first] * max_blocks;
 
     // Shared memory: queries [warps][d] f32, chunk probabilities [warps][32],
-    // chunk slots [32], then K and V chunks [32][d + pad] in T, rows padded by
-    // 4 bytes so that lane j reading row j hits bank j.
+    // chunk slots [32], then K and V chunks [32][d + pad] in T. With 16-byte
+    // vectors (d % EPV == 0) rows are padded by 16 bytes, so that the 8 lanes
+    // of each phase of a 16-byte read land in distinct banks; otherwise by 4.
+    constexpr int EPV = Vec16<T>::N;
+    const bool vec = d % EPV == 0;
     float* qs = smem;
     float* ps = qs + warps * d;
     uint32_t* chunk_slots = reinterpret_cast<uint32_t*>(ps + warps * 32);
-    const int pad = 4 / sizeof(T);
+    const int pad = vec ? EPV : 4 / (int)sizeof(T);
     const int kstride = d + pad;
     T* ks = reinterpret_cast<T*>(chunk_slots + 32);
     T* vs = ks + 32 * kstride;
@@ -464,11 +468,23 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
             chunk_slots[threadIdx.x] = table[key / block_size] * (uint32_t)block_size + key % block_size;
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < n_keys * d; e += blockDim.x) {
-            const int j = e / d, dim = e % d;
-            const size_t off = (size_t)chunk_slots[j] * row_stride + dim;
-            ks[j * kstride + dim] = k_head[off];
-            vs[j * kstride + dim] = v_head[off];
+        if (vec) {
+            const int per_row = d / EPV;
+            for (int e = threadIdx.x; e < n_keys * per_row; e += blockDim.x) {
+                const int j = e / per_row, dim = (e % per_row) * EPV;
+                const size_t off = (size_t)chunk_slots[j] * row_stride + dim;
+                *reinterpret_cast<uint4*>(ks + j * kstride + dim) =
+                    *reinterpret_cast<const uint4*>(k_head + off);
+                *reinterpret_cast<uint4*>(vs + j * kstride + dim) =
+                    *reinterpret_cast<const uint4*>(v_head + off);
+            }
+        } else {
+            for (int e = threadIdx.x; e < n_keys * d; e += blockDim.x) {
+                const int j = e / d, dim = e % d;
+                const size_t off = (size_t)chunk_slots[j] * row_stride + dim;
+                ks[j * kstride + dim] = k_head[off];
+                vs[j * kstride + dim] = v_head[off];
+            }
         }
         __syncthreads();
         // Lane j scores key base + j against this warp's query.
@@ -479,7 +495,16 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
             float dot = 0.f;
             const T* krow = ks + lane * kstride;
             const float* qw = qs + warp * d;
-            for (int i = 0; i < d; ++i) dot += qw[i] * to_f32(krow[i]);
+            if (vec) {
+                for (int i = 0; i < d; i += EPV) {
+                    float kv[EPV];
+                    Vec16<T>::unpack(*reinterpret_cast<const uint4*>(krow + i), kv);
+#pragma unroll
+                    for (int e = 0; e < EPV; ++e) dot += qw[i + e] * kv[e];
+                }
+            } else {
+                for (int i = 0; i < d; ++i) dot += qw[i] * to_f32(krow[i]);
+            }
             s = dot;
         }
         const float m_new = fmaxf(m, warp_max(s));
@@ -513,7 +538,7 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
 }
 
 #define ATTENTION(T, SUFFIX, G, DPL)                                                             \
-    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                \
+    extern "C" __global__ void __launch_bounds__(MAX_ATTN_WARPS * 32)                            \
         paged_attention_g##G##_d##DPL##_##SUFFIX(                                                \
             const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,             \
             const uint32_t* tok_seq, const uint32_t* block_tables, const uint32_t* tokens,       \
@@ -536,7 +561,7 @@ __device__ void prefill_attention(const T* __restrict__ q, const T* __restrict__
     ATTENTION_G(T, SUFFIX, 2)                                                                    \
     ATTENTION_G(T, SUFFIX, 4)                                                                    \
     ATTENTION_G(T, SUFFIX, 8)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) prefill_attention_##SUFFIX(                \
+    extern "C" __global__ void __launch_bounds__(512) prefill_attention_##SUFFIX(                \
         const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,                 \
         const uint32_t* tok_seq, const uint32_t* block_tables, const uint32_t* tiles, T* out,    \
         int h, int kvh, int d, int block_size, int max_blocks, float scale) {                    \

@@ -17,8 +17,10 @@ use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
 const MODULE: &str = "llama_serve_kernels";
-/// Warps per attention block; must match ATTN_WARPS in llama.cu.
-const ATTN_WARPS: u32 = 4;
+/// Most warps per decode-attention block; must match MAX_ATTN_WARPS in llama.cu.
+const MAX_ATTN_WARPS: usize = 8;
+/// What a kernel may take in shared memory without opting in to more.
+const SMEM_LIMIT: usize = 48 * 1024;
 const MAX_HEAD_DIM: usize = 256;
 const MAX_GROUP: usize = 8;
 
@@ -89,8 +91,9 @@ pub struct StepSeq<'a> {
     pub blocks: &'a [u32],
 }
 
-/// Warps per prefill block: tile tokens × query heads per kv head.
-const PREFILL_WARPS: usize = 8;
+/// Warps per prefill block: tile tokens × query heads per kv head (the
+/// kernel's launch bound is 512 threads).
+const PREFILL_WARPS: usize = 16;
 
 /// Prompt tokens per prefill tile for this grouping, or `None` when the
 /// group is too large for one block (those prompts use the decode kernel).
@@ -327,8 +330,22 @@ impl PagedAttention<'_> {
         let ints = dims_i32(&[h, kvh, d, self.block_size, self.meta.max_blocks]);
         let elem = std::mem::size_of::<T>();
         let warps = self.meta.tile_tokens * group;
-        let prefill_smem = 4 * (warps * d + warps * 32 + 32) + 2 * 32 * (d + 4 / elem) * elem;
-        let tiled = prefill_tile_tokens(group).is_some() && prefill_smem <= 48 * 1024;
+        let pad = if d % (16 / elem) == 0 {
+            16 / elem
+        } else {
+            4 / elem
+        };
+        let prefill_smem = 4 * (warps * d + warps * 32 + 32) + 2 * 32 * (d + pad) * elem;
+        let tiled = prefill_tile_tokens(group).is_some() && prefill_smem <= SMEM_LIMIT;
+        // Decode: as many warps as shared memory allows, to split long contexts
+        // further. The kernel's static arrays are sized for MAX_ATTN_WARPS.
+        let bound = group.next_power_of_two();
+        let static_smem = 4 * MAX_ATTN_WARPS * 32 * (1 + bound);
+        let decode_smem = |w: usize| 4 * (group * d + w * group * (d + 2));
+        let decode_warps = [MAX_ATTN_WARPS, 4, 2, 1]
+            .into_iter()
+            .find(|&w| static_smem + decode_smem(w) <= SMEM_LIMIT)
+            .unwrap_or(1);
 
         // Decode tokens, plus the prompt tokens when the tiled kernel cannot take them.
         let mut per_token: Vec<&Tensor> = self.meta.decode_tokens.iter().collect();
@@ -341,7 +358,6 @@ impl PagedAttention<'_> {
             let list_v = held.view::<u32>()?;
             // The kernel built for the smallest group bound and dims-per-lane
             // that fit (see llama.cu).
-            let bound = group.next_power_of_two();
             let dims_per_lane = d.div_ceil(32).next_power_of_two().max(2);
             let func = dev.get_or_load_custom_func(
                 &format!(
@@ -362,11 +378,10 @@ impl PagedAttention<'_> {
                 b.arg(i);
             }
             b.arg(&self.scale);
-            let smem_floats = group * d + ATTN_WARPS as usize * group * (d + 2);
             let cfg = LaunchConfig {
                 grid_dim: (count as u32, kvh as u32, 1),
-                block_dim: (ATTN_WARPS * 32, 1, 1),
-                shared_mem_bytes: (smem_floats * 4) as u32,
+                block_dim: ((decode_warps * 32) as u32, 1, 1),
+                shared_mem_bytes: decode_smem(decode_warps) as u32,
             };
             unsafe { b.launch(cfg) }.w()?;
         }

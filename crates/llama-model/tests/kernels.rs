@@ -111,6 +111,10 @@ fn shape_cases() -> Vec<(usize, usize, usize)> {
             v.push((h, kv, d));
         }
     }
+    // A head size that is no power of two, and the largest the kernels take
+    // (the latter also exercises the shared-memory fallbacks).
+    v.push((8, 2, 80));
+    v.push((8, 1, 256));
     v
 }
 

@@ -1,69 +1,19 @@
-//! Launches of the fused CUDA kernels in `kernels/llama.cu` (PTX built by build.rs).
-//!
-//! Each op is a Candle `CustomOp1` on its main input; the other tensors it
-//! reads (and, for the cache write, writes) ride in the op struct and are
-//! reached through their storage. Everything stays on the device's one stream,
-//! so no synchronisation is needed between these launches and Candle's own.
+//! Paged attention: the per-step metadata, the decode kernel over the
+//! step's decode tokens and the query-tiled prefill kernel.
 
+use super::{cuda_view, dims_i32, suffix, Held, MODULE, PTX};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{
-    bail, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
-const MODULE: &str = "llama_serve_kernels";
-/// Most warps per decode-attention block; must match MAX_ATTN_WARPS in llama.cu.
+/// Most warps per decode-attention block; must match MAX_ATTN_WARPS in attention.cuh.
 const MAX_ATTN_WARPS: usize = 8;
 /// What a kernel may take in shared memory without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 const MAX_HEAD_DIM: usize = 256;
 const MAX_GROUP: usize = 8;
-
-fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => bail!("fused CUDA kernels support f32, f16 and bf16, not {other:?}"),
-    })
-}
-
-/// A tensor's storage, held read-locked while its device view is in use.
-struct Held<'a>(candle_core::StorageRef<'a>, &'a Layout, &'static str);
-
-impl<'a> Held<'a> {
-    fn new(t: &'a Tensor, what: &'static str) -> Self {
-        let (s, l) = t.storage_and_layout();
-        Held(s, l, what)
-    }
-
-    fn view<T: CudaDType + DeviceRepr>(&self) -> Result<CudaView<'_, T>> {
-        let Storage::Cuda(s) = &*self.0 else {
-            bail!("{} is not on the CUDA device", self.2)
-        };
-        cuda_view(s, self.1, self.2)
-    }
-}
-
-fn cuda_view<'a, T: CudaDType + DeviceRepr>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<CudaView<'a, T>> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{what} must be contiguous")
-    };
-    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-}
-
-fn dims_i32(v: &[usize]) -> Vec<i32> {
-    v.iter().map(|&x| x as i32).collect()
-}
 
 /// The per-step metadata the kernels read, packed in one u32 buffer uploaded
 /// once per step: positions, cache slots, each token's sequence row, the
@@ -169,122 +119,6 @@ impl StepMeta {
             tile_tokens,
         })
     }
-}
-
-macro_rules! dispatch {
-    ($self:ident, $storage:ident, $layout:ident) => {
-        match $storage.dtype() {
-            DType::F32 => $self.run::<f32>($storage, $layout),
-            DType::F16 => $self.run::<f16>($storage, $layout),
-            DType::BF16 => $self.run::<bf16>($storage, $layout),
-            other => bail!("{}: unsupported dtype {other:?}", $self.name()),
-        }
-    };
-}
-
-macro_rules! cuda_op1 {
-    ($ty:ident, $name:literal) => {
-        impl CustomOp1 for $ty<'_> {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(
-                &self,
-                _: &candle_core::CpuStorage,
-                _: &Layout,
-            ) -> Result<(candle_core::CpuStorage, Shape)> {
-                bail!("{} runs on CUDA only", $name)
-            }
-
-            fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-                dispatch!(self, s, l)
-            }
-        }
-    };
-}
-
-/// RoPE on q and k of a fused QKV row, k/v into the cache, rotated q out.
-struct RopeWriteKv<'a> {
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-    meta: &'a StepMeta,
-    k_cache: &'a Tensor,
-    v_cache: &'a Tensor,
-    heads: [usize; 3],
-}
-
-impl RopeWriteKv<'_> {
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        qkv: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev: &CudaDevice = &qkv.device;
-        let [h, kvh, d] = self.heads;
-        let n = l.dims()[0];
-        let (cos, sin) = (
-            Held::new(self.cos, "rope cos"),
-            Held::new(self.sin, "rope sin"),
-        );
-        let pos = Held::new(&self.meta.positions, "positions");
-        let slots = Held::new(&self.meta.slots, "slots");
-        let (kc, vc) = (
-            Held::new(self.k_cache, "k cache"),
-            Held::new(self.v_cache, "v cache"),
-        );
-        let qkv_v = cuda_view::<T>(qkv, l, "qkv")?;
-        let (cos_v, sin_v) = (cos.view::<T>()?, sin.view::<T>()?);
-        let (pos_v, slots_v) = (pos.view::<u32>()?, slots.view::<u32>()?);
-        let (kc_v, vc_v) = (kc.view::<T>()?, vc.view::<T>()?);
-        let out = unsafe { dev.alloc::<T>(n * h * d)? };
-        let func = dev.get_or_load_custom_func(
-            &format!("rope_write_kv_{}", suffix(qkv.dtype())?),
-            MODULE,
-            PTX,
-        )?;
-        let dims = dims_i32(&[h, kvh, d]);
-        let mut b = func.builder();
-        b.arg(&qkv_v)
-            .arg(&cos_v)
-            .arg(&sin_v)
-            .arg(&pos_v)
-            .arg(&slots_v);
-        b.arg(&out).arg(&kc_v).arg(&vc_v);
-        b.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (((h + kvh) * d / 2).clamp(32, 256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((n, h, d)),
-        ))
-    }
-}
-cuda_op1!(RopeWriteKv, "llama-rope-write-kv");
-
-/// `qkv: [n, (h + 2 kvh) d]` → rotated `q: [n, h, d]`; k and v land in the caches.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_write_kv(
-    qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    meta: &StepMeta,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    heads: [usize; 3],
-) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1_no_bwd(&RopeWriteKv {
-        cos,
-        sin,
-        meta,
-        k_cache,
-        v_cache,
-        heads,
-    })
 }
 
 /// Paged attention of every token of the step in one launch.
@@ -436,114 +270,4 @@ pub fn paged_attention(
         block_size,
         scale,
     })
-}
-
-/// `x + delta` and its RMSNorm in one pass, as `[2, rows, hidden]`.
-struct AddRmsNorm<'a> {
-    delta: &'a Tensor,
-    weight: &'a Tensor,
-    eps: f32,
-}
-
-impl AddRmsNorm<'_> {
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        x: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev: &CudaDevice = &x.device;
-        let &[rows, hidden] = l.dims() else {
-            bail!("add_rms_norm: x must be [rows, hidden]")
-        };
-        let delta = Held::new(self.delta, "residual delta");
-        let weight = Held::new(self.weight, "norm weight");
-        let x_v = cuda_view::<T>(x, l, "x")?;
-        let (delta_v, weight_v) = (delta.view::<T>()?, weight.view::<T>()?);
-        let out = unsafe { dev.alloc::<T>(2 * rows * hidden)? };
-        let func = dev.get_or_load_custom_func(
-            &format!("add_rms_norm_{}", suffix(x.dtype())?),
-            MODULE,
-            PTX,
-        )?;
-        let ints = dims_i32(&[rows, hidden]);
-        let mut b = func.builder();
-        b.arg(&x_v).arg(&delta_v).arg(&weight_v).arg(&out);
-        b.arg(&ints[0]).arg(&ints[1]).arg(&self.eps);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (hidden.div_ceil(32 * 4).clamp(1, 32) as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((2, rows, hidden)),
-        ))
-    }
-}
-cuda_op1!(AddRmsNorm, "llama-add-rms-norm");
-
-/// `(x + delta, rms_norm(x + delta) * weight)`.
-pub fn add_rms_norm(
-    x: &Tensor,
-    delta: &Tensor,
-    weight: &Tensor,
-    eps: f32,
-) -> Result<(Tensor, Tensor)> {
-    if x.dims() != delta.dims() {
-        bail!(
-            "add_rms_norm: x {:?} and delta {:?} differ",
-            x.dims(),
-            delta.dims()
-        );
-    }
-    let delta = delta.contiguous()?;
-    let both = x.contiguous()?.apply_op1_no_bwd(&AddRmsNorm {
-        delta: &delta,
-        weight,
-        eps,
-    })?;
-    Ok((both.get(0)?, both.get(1)?))
-}
-
-struct Swiglu<'a>(std::marker::PhantomData<&'a ()>);
-
-impl Swiglu<'_> {
-    fn run<T: CudaDType + DeviceRepr>(
-        &self,
-        x: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev: &CudaDevice = &x.device;
-        let &[rows, width] = l.dims() else {
-            bail!("swiglu: input must be [rows, 2 * intermediate]")
-        };
-        let inter = width / 2;
-        let x_v = cuda_view::<T>(x, l, "gate/up")?;
-        let out = unsafe { dev.alloc::<T>(rows * inter)? };
-        let func =
-            dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(x.dtype())?), MODULE, PTX)?;
-        let ints = dims_i32(&[rows, inter]);
-        let mut b = func.builder();
-        b.arg(&x_v).arg(&out).arg(&ints[0]).arg(&ints[1]);
-        let total = (rows * inter) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256).min(65535), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((rows, inter)),
-        ))
-    }
-}
-cuda_op1!(Swiglu, "llama-swiglu");
-
-/// `[rows, 2 * inter]` (gate then up) → `silu(gate) * up`.
-pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
-    gate_up
-        .contiguous()?
-        .apply_op1_no_bwd(&Swiglu(std::marker::PhantomData))
 }

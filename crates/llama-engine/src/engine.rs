@@ -402,13 +402,12 @@ impl Engine {
             let mut targets = vec![chunk.seq];
             targets.extend(self.fork_choices(chunk.seq));
             for seq in targets {
-                if let Some(&id) = output.greedy_ids.get(row) {
-                    self.emit_greedy(seq, id);
-                } else {
+                let picked = output.greedy_ids.get(row).copied();
+                if picked.is_none() {
                     self.row.clear();
                     self.row.extend_from_slice(output.row(row));
-                    self.sample_and_emit(seq);
                 }
+                self.pick_and_emit(seq, picked);
             }
         }
     }
@@ -450,17 +449,10 @@ impl Engine {
         })
     }
 
-    /// A token already picked by the runner's device-side argmax.
-    fn emit_greedy(&mut self, seq_id: SeqId, id: u32) {
-        let sampled = Sampled {
-            id,
-            logprob: 0.0,
-            top: Vec::new(),
-        };
-        self.emit_sampled(seq_id, sampled);
-    }
-
-    fn sample_and_emit(&mut self, seq_id: SeqId) {
+    /// Picks the next token of `seq_id` (or takes the one the runner already
+    /// picked with its device-side argmax), then runs the stop checks,
+    /// detokenization and the event for it. Samples from `self.row`.
+    fn pick_and_emit(&mut self, seq_id: SeqId, picked: Option<u32>) {
         let Some(tokens) = self.scheduler.tokens(seq_id) else {
             return;
         };
@@ -470,23 +462,17 @@ impl Engine {
         let Some(r) = self.requests.get(&st.request) else {
             return;
         };
-        let (prompt, generated) = tokens.split_at(st.prompt_len);
-        let sampled = st
-            .sampler
-            .sample(&mut self.row, prompt, generated, r.request.logprobs);
-        self.emit_sampled(seq_id, sampled);
-    }
-
-    /// Stop checks, detokenization and the event for one picked token.
-    fn emit_sampled(&mut self, seq_id: SeqId, sampled: Sampled) {
-        let Some(tokens) = self.scheduler.tokens(seq_id) else {
-            return;
-        };
-        let Some(st) = self.seqs.get_mut(&seq_id) else {
-            return;
-        };
-        let Some(r) = self.requests.get(&st.request) else {
-            return;
+        let sampled = match picked {
+            Some(id) => Sampled {
+                id,
+                logprob: 0.0,
+                top: Vec::new(),
+            },
+            None => {
+                let (prompt, generated) = tokens.split_at(st.prompt_len);
+                st.sampler
+                    .sample(&mut self.row, prompt, generated, r.request.logprobs)
+            }
         };
         let token = sampled.id;
         let total_len = tokens.len() + 1;

@@ -7,7 +7,6 @@ use candle_core::Tensor;
 
 use crate::attention::{self, AttentionMeta};
 use crate::error::Result;
-use crate::linear::Linear;
 use crate::rope::RopeTables;
 
 /// `(x + delta, rms_norm(x + delta) * weight)`: the new residual stream and
@@ -27,15 +26,6 @@ pub fn add_rms_norm(
     let sum = (x + delta)?;
     let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
     Ok((sum, normed))
-}
-
-/// `x · wᵀ` through the model's [`Linear`]. A hand-written weight-streaming
-/// CUDA kernel for decode batches was measured slower than cuBLAS on an H200
-/// (6.94 vs 6.65 ms per batch-1 step, 14.1 vs 6.8 ms at batch 8), so every
-/// device goes through Candle's matmul.
-pub fn linear(layer: &Linear, x: &Tensor, meta: &AttentionMeta) -> Result<Tensor> {
-    let _ = meta;
-    Ok(layer.forward(x)?)
 }
 
 /// `[rows, 2 * inter]` (gate, then up) → `silu(gate) * up`.

@@ -20,6 +20,9 @@ impl Linear {
             Linear::Dense(w) if crate::cpu_matmul::applies(x, w) => {
                 crate::cpu_matmul::matmul_t(x, w)
             }
+            // On CUDA this is cuBLAS: a hand-written weight-streaming kernel for
+            // decode batches measured slower on an H200 (6.94 vs 6.65 ms per
+            // batch-1 step of a 7B, 14.1 vs 6.8 ms at batch 8).
             Linear::Dense(w) => x.matmul(&w.t()?),
         }
     }

@@ -239,7 +239,7 @@ impl LlamaModel {
         let mut normed = candle_nn::ops::rms_norm(&x, &layers[0].input_norm, eps)?;
         for (layer_idx, layer) in layers.iter().enumerate() {
             profile::mark("norms", &self.device);
-            let qkv = fused::linear(&layer.qkv, &normed, &meta)?; // [n, (h + 2 kvh) d]
+            let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2 kvh) d]
             profile::mark("qkv matmul", &self.device);
             let caches = kv.layer(layer_idx);
             let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, &meta)?;
@@ -247,15 +247,15 @@ impl LlamaModel {
             let attn =
                 attention::paged_attention(&q, caches.0, caches.1, &meta)?.reshape((n, h * d))?;
             profile::mark("attention", &self.device);
-            let attn_out = fused::linear(&layer.o, &attn, &meta)?;
+            let attn_out = layer.o.forward(&attn)?;
             profile::mark("o matmul", &self.device);
             (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, &meta)?;
             profile::mark("norms", &self.device);
-            let gate_up = fused::linear(&layer.gate_up, &normed, &meta)?;
+            let gate_up = layer.gate_up.forward(&normed)?;
             profile::mark("gate_up matmul", &self.device);
             let act = fused::swiglu(&gate_up, &meta)?;
             profile::mark("swiglu", &self.device);
-            let mlp_out = fused::linear(&layer.down, &act, &meta)?;
+            let mlp_out = layer.down.forward(&act)?;
             profile::mark("down matmul", &self.device);
             let next_norm = match layers.get(layer_idx + 1) {
                 Some(next) => &next.input_norm,
@@ -271,7 +271,7 @@ impl LlamaModel {
             normed.index_select(&Tensor::from_vec(rows, num_rows, &self.device)?, 0)?
         };
         profile::mark("norms", &self.device);
-        let values = fused::linear(&self.weights.lm_head, &x, &meta)?.to_dtype(DType::F32)?;
+        let values = self.weights.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         profile::mark("lm head", &self.device);
         Ok(Logits {
             values,

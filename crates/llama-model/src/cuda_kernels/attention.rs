@@ -186,21 +186,12 @@ impl PagedAttention<'_> {
         if !tiled {
             per_token.extend(self.meta.prefill_tokens.iter());
         }
-        for list in per_token {
-            let count = list.dims()[0];
+        // Both kernels take the same arguments; only the token list (or tile
+        // list) and the launch shape differ.
+        let launch = |name: String, list: &Tensor, cfg: LaunchConfig| -> Result<()> {
             let held = Held::new(list, "token list");
             let list_v = held.view::<u32>()?;
-            // The kernel built for the smallest group bound and dims-per-lane
-            // that fit (see llama.cu).
-            let dims_per_lane = d.div_ceil(32).next_power_of_two().max(2);
-            let func = dev.get_or_load_custom_func(
-                &format!(
-                    "paged_attention_g{bound}_d{dims_per_lane}_{}",
-                    suffix(q.dtype())?
-                ),
-                MODULE,
-                PTX,
-            )?;
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = func.builder();
             b.arg(&q_v).arg(&kc_v).arg(&vc_v);
             b.arg(&pos_v)
@@ -212,38 +203,32 @@ impl PagedAttention<'_> {
                 b.arg(i);
             }
             b.arg(&self.scale);
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        };
+        let dtype = suffix(q.dtype())?;
+        // The decode kernel built for the smallest group bound and dims-per-lane
+        // that fit (see attention.cuh).
+        let dims_per_lane = d.div_ceil(32).next_power_of_two().max(2);
+        for list in per_token {
             let cfg = LaunchConfig {
-                grid_dim: (count as u32, kvh as u32, 1),
+                grid_dim: (list.dims()[0] as u32, kvh as u32, 1),
                 block_dim: ((decode_warps * 32) as u32, 1, 1),
                 shared_mem_bytes: decode_smem(decode_warps) as u32,
             };
-            unsafe { b.launch(cfg) }.w()?;
+            launch(
+                format!("paged_attention_g{bound}_d{dims_per_lane}_{dtype}"),
+                list,
+                cfg,
+            )?;
         }
         if let (true, Some(tiles)) = (tiled, &self.meta.tiles) {
-            let held = Held::new(tiles, "prefill tiles");
-            let tiles_v = held.view::<u32>()?;
-            let func = dev.get_or_load_custom_func(
-                &format!("prefill_attention_{}", suffix(q.dtype())?),
-                MODULE,
-                PTX,
-            )?;
-            let mut b = func.builder();
-            b.arg(&q_v).arg(&kc_v).arg(&vc_v);
-            b.arg(&pos_v)
-                .arg(&seq_v)
-                .arg(&tables_v)
-                .arg(&tiles_v)
-                .arg(&out);
-            for i in &ints {
-                b.arg(i);
-            }
-            b.arg(&self.scale);
             let cfg = LaunchConfig {
                 grid_dim: (self.meta.num_tiles as u32, kvh as u32, 1),
                 block_dim: ((warps * 32) as u32, 1, 1),
                 shared_mem_bytes: prefill_smem as u32,
             };
-            unsafe { b.launch(cfg) }.w()?;
+            launch(format!("prefill_attention_{dtype}"), tiles, cfg)?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),

@@ -1,7 +1,7 @@
 //! The per-layer building blocks of the forward pass, each with one entry
-//! point: a fused CUDA kernel where the step runs on CUDA with fused kernels
-//! on, plain Candle (plus the CPU attention kernels) everywhere else. The
-//! forward itself is written once against these.
+//! point: a fused kernel where the step runs on CUDA, or on the CPU in f32,
+//! with fused kernels on; plain Candle (plus the CPU attention kernels)
+//! everywhere else. The forward itself is written once against these.
 
 use candle_core::Tensor;
 
@@ -22,7 +22,9 @@ pub fn add_rms_norm(
     if meta.use_cuda_kernels(x.device()) {
         return Ok(crate::cuda_kernels::add_rms_norm(x, delta, weight, eps)?);
     }
-    let _ = meta;
+    if meta.use_cpu_kernels(x.device()) && crate::cpu_kernels::applies(x) {
+        return Ok(crate::cpu_kernels::add_rms_norm(x, delta, weight, eps)?);
+    }
     let sum = (x + delta)?;
     let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
     Ok((sum, normed))
@@ -34,7 +36,9 @@ pub fn swiglu(gate_up: &Tensor, meta: &AttentionMeta) -> Result<Tensor> {
     if meta.use_cuda_kernels(gate_up.device()) {
         return Ok(crate::cuda_kernels::swiglu(gate_up)?);
     }
-    let _ = meta;
+    if meta.use_cpu_kernels(gate_up.device()) && crate::cpu_kernels::applies(gate_up) {
+        return Ok(crate::cpu_kernels::swiglu(gate_up)?);
+    }
     Ok(candle_nn::ops::swiglu(gate_up)?)
 }
 

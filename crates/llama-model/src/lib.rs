@@ -8,7 +8,8 @@
 
 pub mod attention;
 pub mod config;
-mod cpu_matmul;
+mod cpu_gemm;
+mod cpu_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod device;

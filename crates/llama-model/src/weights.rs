@@ -153,11 +153,11 @@ fn build(cfg: &LlamaConfig, src: &mut dyn TensorSource) -> Result<LlamaWeights> 
         )?;
         layers.push(LayerWeights {
             input_norm,
-            qkv: Linear::dense(Tensor::cat(&[&q, &k, &v], 0)?),
-            o: Linear::dense(o),
+            qkv: Linear::dense(Tensor::cat(&[&q, &k, &v], 0)?)?,
+            o: Linear::dense(o)?,
             post_norm,
-            gate_up: Linear::dense(Tensor::cat(&[&gate, &up], 0)?),
-            down: Linear::dense(down),
+            gate_up: Linear::dense(Tensor::cat(&[&gate, &up], 0)?)?,
+            down: Linear::dense(down)?,
         });
     }
     let norm = src.tensor("model.norm.weight", &[h], Init::Ones)?;
@@ -171,7 +171,7 @@ fn build(cfg: &LlamaConfig, src: &mut dyn TensorSource) -> Result<LlamaWeights> 
         embed,
         layers,
         norm,
-        lm_head: Linear::dense(lm_head),
+        lm_head: Linear::dense(lm_head)?,
     })
 }
 

@@ -13,6 +13,10 @@ use crate::error::Result;
 trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The slice itself when the element is f32: picks the SIMD kernel.
+    fn as_f32(_s: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -23,6 +27,9 @@ impl Elem for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 
@@ -132,17 +139,28 @@ pub fn write_kv(
     Ok(())
 }
 
-/// Dot product with eight independent partial sums: a single running sum is a
-/// chain of dependent adds that the compiler may not reorder, which made this
-/// loop latency-bound (a sixth of a decode step at batch 32).
+/// `a * b + c`, as one fused instruction where the caller was compiled for FMA
+/// (`f32::mul_add` without hardware FMA is a slow library call).
 #[inline(always)]
-fn dot_lanes<T: Elem>(q: &[f32], k: &[T]) -> f32 {
-    const L: usize = 8;
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Dot product with sixteen independent partial sums (two AVX registers): a
+/// single running sum is a chain of dependent adds that the compiler may not
+/// reorder, which made this loop latency-bound.
+#[inline(always)]
+fn dot_lanes<T: Elem, const FMA: bool>(q: &[f32], k: &[T]) -> f32 {
+    const L: usize = 16;
     let mut acc = [0f32; L];
     let chunks = q.len() / L;
     for c in 0..chunks {
         for l in 0..L {
-            acc[l] += q[c * L + l] * k[c * L + l].to_f32();
+            acc[l] = madd::<FMA>(q[c * L + l], k[c * L + l].to_f32(), acc[l]);
         }
     }
     let mut sum: f32 = acc.iter().sum();
@@ -152,6 +170,252 @@ fn dot_lanes<T: Elem>(q: &[f32], k: &[T]) -> f32 {
     sum
 }
 
+/// Query rows attended together: they share each key and value load, which
+/// for a prompt is what keeps the scan in cache instead of re-reading the
+/// whole context from L3 for every query.
+const ROWS_PER_TASK: usize = 16;
+
+/// One task: the query rows of `tokens` of one sequence that read one kv head
+/// (with GQA, all the query heads of its group).
+struct Task {
+    seq: usize,
+    /// First token of the task, as a row of the packed batch.
+    token: usize,
+    tokens: usize,
+    kv_head: usize,
+}
+
+/// Scratch reused by every task a thread runs.
+#[derive(Default)]
+struct Scratch {
+    /// `[rows][d]`, scaled.
+    q: Vec<f32>,
+    /// `[rows][ctx_max]`: scores, then probabilities.
+    scores: Vec<f32>,
+    /// `[rows][d]`.
+    acc: Vec<f32>,
+    /// Positions visible to each row (its own included).
+    ctx: Vec<usize>,
+}
+
+/// Where a task's output rows go: tasks write disjoint rows of one buffer.
+struct OutPtr<T>(*mut T);
+unsafe impl<T: Send> Sync for OutPtr<T> {}
+
+/// A task's inputs: the step's queries and this layer's caches.
+struct Inputs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+}
+
+impl<T: Elem> Inputs<'_, T> {
+    /// The body of every variant of the kernel, with its two inner loops
+    /// passed in: `dot(q, key)` and `axpy(acc, weight, value)`.
+    ///
+    /// # Safety
+    /// `out` must be the step's `[tokens, heads, d]` output, whose rows of
+    /// this task no other task writes.
+    #[inline(always)]
+    unsafe fn attend_with(
+        &self,
+        m: &AttentionMeta,
+        task: &Task,
+        s: &mut Scratch,
+        out: &OutPtr<T>,
+        dot: impl Fn(&[f32], &[T]) -> f32,
+        axpy: impl Fn(&mut [f32], f32, &[T]),
+    ) {
+        let (h, d, bs) = (m.num_heads, m.head_dim, m.block_size);
+        let group = h / m.num_kv_heads;
+        let kv_row = m.num_kv_heads * d;
+        let seq = &m.seqs[task.seq];
+        let head_off = task.kv_head * d;
+        let rows = task.tokens * group;
+        // Row r is token `task.token + r / group`, head `kv_head * group + r % group`.
+        let q_row = |r: usize| (task.token + r / group) * h + task.kv_head * group + r % group;
+        s.ctx.clear();
+        s.ctx
+            .extend((0..rows).map(|r| seq.start_pos + task.token + r / group - seq.q_start + 1));
+        let ctx_max = s.ctx[rows - 1];
+        s.q.clear();
+        for r in 0..rows {
+            let qr = &self.q[q_row(r) * d..(q_row(r) + 1) * d];
+            s.q.extend(qr.iter().map(|x| x.to_f32() * m.scale));
+        }
+        s.scores.clear();
+        s.scores.resize(rows * ctx_max, f32::NEG_INFINITY);
+        // Walk the table block by block: no division per position.
+        let positions = || {
+            seq.blocks
+                .iter()
+                .take(ctx_max.div_ceil(bs))
+                .enumerate()
+                .flat_map(move |(b, &block)| {
+                    let first = block as usize * bs * kv_row + head_off;
+                    (0..bs.min(ctx_max - b * bs)).map(move |o| (b * bs + o, first + o * kv_row))
+                })
+        };
+        for (j, base) in positions() {
+            let key = &self.k[base..base + d];
+            for r in (0..rows).filter(|&r| j < s.ctx[r]) {
+                s.scores[r * ctx_max + j] = dot(&s.q[r * d..(r + 1) * d], key);
+            }
+        }
+        for r in 0..rows {
+            let row = &mut s.scores[r * ctx_max..r * ctx_max + s.ctx[r]];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for sc in row.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|p| *p *= inv);
+        }
+        s.acc.clear();
+        s.acc.resize(rows * d, 0.0);
+        for (j, base) in positions() {
+            let value = &self.v[base..base + d];
+            for r in (0..rows).filter(|&r| j < s.ctx[r]) {
+                axpy(
+                    &mut s.acc[r * d..(r + 1) * d],
+                    s.scores[r * ctx_max + j],
+                    value,
+                );
+            }
+        }
+        for r in 0..rows {
+            let dst = std::slice::from_raw_parts_mut(out.0.add(q_row(r) * d), d);
+            for (o, a) in dst.iter_mut().zip(&s.acc[r * d..(r + 1) * d]) {
+                *o = T::from_f32(*a);
+            }
+        }
+    }
+
+    /// `FMA` says whether the caller was compiled with AVX2 + FMA.
+    ///
+    /// # Safety
+    /// As [`Inputs::attend_with`].
+    #[inline(always)]
+    unsafe fn attend<const FMA: bool>(
+        &self,
+        m: &AttentionMeta,
+        task: &Task,
+        s: &mut Scratch,
+        out: &OutPtr<T>,
+    ) {
+        self.attend_with(m, task, s, out, dot_lanes::<T, FMA>, |acc, w, v| {
+            for (a, x) in acc.iter_mut().zip(v) {
+                *a = madd::<FMA>(w, x.to_f32(), *a);
+            }
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{AttentionMeta, Elem, Inputs, OutPtr, Scratch, Task};
+
+    /// Any element type: the generic loops, compiled with FMA.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; and as [`Inputs::attend_with`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend<T: Elem>(
+        inputs: &Inputs<T>,
+        m: &AttentionMeta,
+        task: &Task,
+        s: &mut Scratch,
+        out: &OutPtr<T>,
+    ) {
+        inputs.attend::<true>(m, task, s, out)
+    }
+
+    /// f32: the loops in AVX2 intrinsics (the compiler leaves the generic
+    /// ones scalar).
+    ///
+    /// # Safety
+    /// As [`attend`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend_f32(
+        inputs: &Inputs<f32>,
+        m: &AttentionMeta,
+        task: &Task,
+        s: &mut Scratch,
+        out: &OutPtr<f32>,
+    ) {
+        inputs.attend_with(
+            m,
+            task,
+            s,
+            out,
+            |q, k| dot(q, k),
+            |acc, w, v| axpy(acc, w, v),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn dot(q: &[f32], k: &[f32]) -> f32 {
+        let n = q.len().min(k.len());
+        let (q, k) = (q.as_ptr(), k.as_ptr());
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.add(i + 8)),
+                _mm256_loadu_ps(k.add(i + 8)),
+                a1,
+            );
+            i += 16;
+        }
+        if i + 8 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
+            i += 8;
+        }
+        let v = _mm256_add_ps(a0, a1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let mut sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+        while i < n {
+            sum += *q.add(i) * *k.add(i);
+            i += 1;
+        }
+        sum
+    }
+
+    #[inline(always)]
+    unsafe fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
+        let n = acc.len().min(v.len());
+        let (a, v) = (acc.as_mut_ptr(), v.as_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(i)), _mm256_loadu_ps(a.add(i)));
+            _mm256_storeu_ps(a.add(i), x);
+            i += 8;
+        }
+        while i < n {
+            *a.add(i) += w * *v.add(i);
+            i += 1;
+        }
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 struct PagedAttention<'a> {
     meta: &'a AttentionMeta,
 }
@@ -159,63 +423,50 @@ struct PagedAttention<'a> {
 impl PagedAttention<'_> {
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
         let m = self.meta;
-        let (h, kvh, d, bs) = (m.num_heads, m.num_kv_heads, m.head_dim, m.block_size);
-        let group = h / kvh;
-        let kv_row = kvh * d;
-        // token -> (sequence, position) so each (token, head) task is independent.
-        let mut token_seq = Vec::with_capacity(m.num_tokens());
-        for (si, s) in m.seqs.iter().enumerate() {
-            for i in 0..s.q_len {
-                token_seq.push((si as u32, (s.start_pos + i) as u32));
+        let group = m.num_heads / m.num_kv_heads;
+        let tokens_per_task = (ROWS_PER_TASK / group).max(1);
+        let mut tasks = Vec::new();
+        for (seq, s) in m.seqs.iter().enumerate() {
+            for first in (0..s.q_len).step_by(tokens_per_task) {
+                for kv_head in 0..m.num_kv_heads {
+                    tasks.push(Task {
+                        seq,
+                        token: s.q_start + first,
+                        tokens: tokens_per_task.min(s.q_len - first),
+                        kv_head,
+                    });
+                }
             }
         }
         let mut out = vec![T::from_f32(0.0); q.len()];
-        out.par_chunks_mut(d).enumerate().for_each_init(
-            || (Vec::<f32>::new(), vec![0f32; d], vec![0f32; d]),
-            |(scores, qf, acc), (row, out_row)| {
-                let t = row / h;
-                let head = row % h;
-                let (si, pos) = token_seq[t];
-                let s = &m.seqs[si as usize];
-                let ctx = pos as usize + 1;
-                let kv_head = head / group;
-                for (dst, src) in qf.iter_mut().zip(&q[row * d..(row + 1) * d]) {
-                    *dst = src.to_f32() * m.scale;
-                }
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                // Walk the table block by block: no division per position.
-                for (b, &block) in s.blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let first = block as usize * bs * kv_row + kv_head * d;
-                    for off in 0..bs.min(ctx - b * bs) {
-                        let base = first + off * kv_row;
-                        let dot = dot_lanes(qf, &k[base..base + d]);
-                        max = max.max(dot);
-                        scores.push(dot);
-                    }
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let inv = 1.0 / sum;
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for (b, &block) in s.blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let first = block as usize * bs * kv_row + kv_head * d;
-                    for off in 0..bs.min(ctx - b * bs) {
-                        let base = first + off * kv_row;
-                        let w = scores[b * bs + off] * inv;
-                        for (a, x) in acc.iter_mut().zip(&v[base..base + d]) {
-                            *a += w * x.to_f32();
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let inputs = Inputs { q, k, v };
+        let simd = has_avx2_fma();
+        let f32_inputs = match (T::as_f32(q), T::as_f32(k), T::as_f32(v)) {
+            (Some(q), Some(k), Some(v)) => Some(Inputs { q, k, v }),
+            _ => None,
+        };
+        tasks
+            .par_iter()
+            .for_each_init(Scratch::default, |scratch, task| {
+                // SAFETY: every (token, head) row belongs to exactly one task.
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: AVX2 and FMA were detected on this CPU.
+                    unsafe {
+                        match &f32_inputs {
+                            Some(f) => {
+                                let out = OutPtr(out_ptr.0 as *mut f32);
+                                avx2::attend_f32(f, m, task, scratch, &out)
+                            }
+                            None => avx2::attend(&inputs, m, task, scratch, &out_ptr),
                         }
                     }
+                    return;
                 }
-                for (o, a) in out_row.iter_mut().zip(acc.iter()) {
-                    *o = T::from_f32(*a);
-                }
-            },
-        );
+                let _ = (simd, &f32_inputs);
+                unsafe { inputs.attend::<false>(m, task, scratch, &out_ptr) };
+            });
         out
     }
 }

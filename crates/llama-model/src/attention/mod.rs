@@ -99,6 +99,12 @@ impl AttentionMeta {
         self.imp == AttentionImpl::Auto && device.is_cpu()
     }
 
+    /// Whether this step runs the fused CPU kernels (attention and cache
+    /// write; in f32 also add + RMSNorm and SwiGLU).
+    pub fn use_cpu_kernels(&self, device: &Device) -> bool {
+        self.use_fused(device)
+    }
+
     /// Whether this step runs the fused CUDA kernels (attention, RoPE + cache
     /// write, add + RMSNorm, SwiGLU).
     pub fn use_cuda_kernels(&self, device: &Device) -> bool {

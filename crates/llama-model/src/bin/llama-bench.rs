@@ -292,6 +292,26 @@ fn main() -> Result<()> {
                 r.batch, r.prompt_len, r.prefill_tok_s, r.decode_tok_s, r.ms_per_step
             );
         }
+        if args.profile {
+            for r in &rows {
+                print_profile(&format!("prefill {}", r.prompt_len), &r.prefill_profile);
+                print_profile(
+                    &format!("decode batch {} ctx {}", r.batch, r.prompt_len),
+                    &r.decode_profile,
+                );
+            }
+        }
     }
     Ok(())
+}
+
+fn print_profile(title: &str, stages: &[(&'static str, f64)]) {
+    let total: f64 = stages.iter().map(|(_, ms)| ms).sum();
+    println!("\n{title}: {total:.2} ms");
+    for (stage, ms) in stages {
+        println!(
+            "  {stage:<16} {ms:>8.2} ms {:>5.1}%",
+            100.0 * ms / total.max(1e-9)
+        );
+    }
 }

@@ -175,14 +175,40 @@ fn dot_lanes<T: Elem, const FMA: bool>(q: &[f32], k: &[T]) -> f32 {
 /// whole context from L3 for every query.
 const ROWS_PER_TASK: usize = 16;
 
-/// One task: the query rows of `tokens` of one sequence that read one kv head
-/// (with GQA, all the query heads of its group).
+/// One task: the query rows of `tokens` consecutive tokens of one sequence
+/// that read the kv heads `kv_heads` (with GQA, all the query heads of each
+/// group). A decode task takes several kv heads so that it reads whole runs
+/// of each cache row: one head's slice alone is a short strided read per
+/// position, which left the decode scan at half the memory bandwidth.
 struct Task {
     seq: usize,
     /// First token of the task, as a row of the packed batch.
     token: usize,
     tokens: usize,
-    kv_head: usize,
+    kv_heads: std::ops::Range<usize>,
+}
+
+/// Cache positions whose rows are requested ahead of the scan. The rows of
+/// successive positions are a block apart or more, which the hardware
+/// prefetchers do not follow far enough to hide DRAM latency.
+const PREFETCH_POSITIONS: usize = 4;
+
+/// Asks for every cache line of `data` without waiting for it.
+#[inline(always)]
+fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(data);
+        let p = data.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, and the address is inside `data`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off))
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Scratch reused by every task a thread runs.
@@ -230,14 +256,17 @@ impl<T: Elem> Inputs<'_, T> {
         let group = h / m.num_kv_heads;
         let kv_row = m.num_kv_heads * d;
         let seq = &m.seqs[task.seq];
-        let head_off = task.kv_head * d;
-        let rows = task.tokens * group;
-        // Row r is token `task.token + r / group`, head `kv_head * group + r % group`.
-        let q_row = |r: usize| (task.token + r / group) * h + task.kv_head * group + r % group;
+        let (kv_first, heads) = (task.kv_heads.start, task.kv_heads.len());
+        // Rows are token-major, then kv head, then the head in its group; the
+        // query heads of one token's rows are consecutive.
+        let per_token = heads * group;
+        let rows = task.tokens * per_token;
+        let q_row = |r: usize| (task.token + r / per_token) * h + kv_first * group + r % per_token;
+        // Positions visible to each token of the task (its own included).
         s.ctx.clear();
-        s.ctx
-            .extend((0..rows).map(|r| seq.start_pos + task.token + r / group - seq.q_start + 1));
-        let ctx_max = s.ctx[rows - 1];
+        let first_pos = seq.start_pos + task.token - seq.q_start;
+        s.ctx.extend((0..task.tokens).map(|t| first_pos + t + 1));
+        let ctx_max = s.ctx[task.tokens - 1];
         s.q.clear();
         for r in 0..rows {
             let qr = &self.q[q_row(r) * d..(q_row(r) + 1) * d];
@@ -252,18 +281,27 @@ impl<T: Elem> Inputs<'_, T> {
                 .take(ctx_max.div_ceil(bs))
                 .enumerate()
                 .flat_map(move |(b, &block)| {
-                    let first = block as usize * bs * kv_row + head_off;
+                    let first = block as usize * bs * kv_row + kv_first * d;
                     (0..bs.min(ctx_max - b * bs)).map(move |o| (b * bs + o, first + o * kv_row))
                 })
         };
+        let span = heads * d;
+        let mut ahead = positions().skip(PREFETCH_POSITIONS);
         for (j, base) in positions() {
-            let key = &self.k[base..base + d];
-            for r in (0..rows).filter(|&r| j < s.ctx[r]) {
-                s.scores[r * ctx_max + j] = dot(&s.q[r * d..(r + 1) * d], key);
+            if let Some((_, next)) = ahead.next() {
+                prefetch(&self.k[next..next + span]);
+            }
+            for t in (0..task.tokens).filter(|&t| j < s.ctx[t]) {
+                for hl in 0..heads {
+                    let key = &self.k[base + hl * d..base + (hl + 1) * d];
+                    for r in (t * per_token + hl * group)..(t * per_token + (hl + 1) * group) {
+                        s.scores[r * ctx_max + j] = dot(&s.q[r * d..(r + 1) * d], key);
+                    }
+                }
             }
         }
         for r in 0..rows {
-            let row = &mut s.scores[r * ctx_max..r * ctx_max + s.ctx[r]];
+            let row = &mut s.scores[r * ctx_max..r * ctx_max + s.ctx[r / per_token]];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for sc in row.iter_mut() {
@@ -275,14 +313,19 @@ impl<T: Elem> Inputs<'_, T> {
         }
         s.acc.clear();
         s.acc.resize(rows * d, 0.0);
+        let mut ahead = positions().skip(PREFETCH_POSITIONS);
         for (j, base) in positions() {
-            let value = &self.v[base..base + d];
-            for r in (0..rows).filter(|&r| j < s.ctx[r]) {
-                axpy(
-                    &mut s.acc[r * d..(r + 1) * d],
-                    s.scores[r * ctx_max + j],
-                    value,
-                );
+            if let Some((_, next)) = ahead.next() {
+                prefetch(&self.v[next..next + span]);
+            }
+            for t in (0..task.tokens).filter(|&t| j < s.ctx[t]) {
+                for hl in 0..heads {
+                    let value = &self.v[base + hl * d..base + (hl + 1) * d];
+                    for r in (t * per_token + hl * group)..(t * per_token + (hl + 1) * group) {
+                        let p = s.scores[r * ctx_max + j];
+                        axpy(&mut s.acc[r * d..(r + 1) * d], p, value);
+                    }
+                }
             }
         }
         for r in 0..rows {
@@ -423,17 +466,24 @@ struct PagedAttention<'a> {
 impl PagedAttention<'_> {
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
         let m = self.meta;
-        let group = m.num_heads / m.num_kv_heads;
+        let (group, kvh) = (m.num_heads / m.num_kv_heads, m.num_kv_heads);
         let tokens_per_task = (ROWS_PER_TASK / group).max(1);
+        let token_tiles: usize = m.seqs.iter().map(|s| s.q_len.div_ceil(tokens_per_task)).sum();
+        // As many kv heads per task as the row budget allows, while leaving
+        // about four tasks per thread for the pool to balance.
+        let by_balance = (kvh * token_tiles / (4 * rayon::current_num_threads())).max(1);
         let mut tasks = Vec::new();
         for (seq, s) in m.seqs.iter().enumerate() {
             for first in (0..s.q_len).step_by(tokens_per_task) {
-                for kv_head in 0..m.num_kv_heads {
+                let tokens = tokens_per_task.min(s.q_len - first);
+                let by_rows = (ROWS_PER_TASK / (tokens * group)).max(1);
+                let heads_per_task = by_rows.min(by_balance).min(kvh);
+                for kv_first in (0..kvh).step_by(heads_per_task) {
                     tasks.push(Task {
                         seq,
                         token: s.q_start + first,
-                        tokens: tokens_per_task.min(s.q_len - first),
-                        kv_head,
+                        tokens,
+                        kv_heads: kv_first..(kv_first + heads_per_task).min(kvh),
                     });
                 }
             }

@@ -231,6 +231,11 @@ impl Engine {
                 .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
             s.postprocess_ns
                 .fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
+            if plan.num_tokens() == plan.chunks.len() {
+                s.decode_steps_total.fetch_add(1, Ordering::Relaxed);
+                s.decode_forward_ns
+                    .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+            }
             self.publish_gauges();
         }
         self.shared.stopped.store(true, Ordering::Release);

@@ -43,6 +43,10 @@ pub struct EngineStats {
     pub schedule_ns: AtomicU64,
     pub forward_ns: AtomicU64,
     pub postprocess_ns: AtomicU64,
+    /// Steps with no prompt token (every chunk one decode token), and their
+    /// forward time: the rest of the forward time went to prompts.
+    pub decode_steps_total: AtomicU64,
+    pub decode_forward_ns: AtomicU64,
 }
 
 /// A copy of [`EngineStats`] at one moment.
@@ -63,6 +67,8 @@ pub struct StatsSnapshot {
     pub schedule_ns: u64,
     pub forward_ns: u64,
     pub postprocess_ns: u64,
+    pub decode_steps_total: u64,
+    pub decode_forward_ns: u64,
 }
 
 impl EngineStats {
@@ -84,6 +90,8 @@ impl EngineStats {
             schedule_ns: self.schedule_ns.load(r),
             forward_ns: self.forward_ns.load(r),
             postprocess_ns: self.postprocess_ns.load(r),
+            decode_steps_total: self.decode_steps_total.load(r),
+            decode_forward_ns: self.decode_forward_ns.load(r),
         }
     }
 }

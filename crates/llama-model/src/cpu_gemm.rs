@@ -30,6 +30,9 @@ const KC: usize = 256;
 /// Row tiles whose k-block (24 × 256 floats = 144 KiB) shares L2 while the
 /// panels pass: prefill of hundreds of rows would otherwise spill L2.
 const TILES_PER_GROUP: usize = 24;
+/// Up to this many row tiles (24 rows) the weight is streamed in memory
+/// order; above, the loops are blocked for cache reuse.
+const STREAMING_TILES: usize = 4;
 /// Panels per parallel task: enough work per task to amortise scheduling, and
 /// enough tasks (a 768-wide projection has 12) to keep every core busy.
 const PANELS_PER_TASK: usize = 4;
@@ -53,7 +56,7 @@ impl PackedWeight {
 
     fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
+        let mut data = crate::hugepages::zeroed_f32(panels * k * NR);
         if k > 0 {
             data.par_chunks_mut(k * NR)
                 .enumerate()
@@ -141,29 +144,42 @@ unsafe fn run_task(
 ) {
     let kernel = micro_kernel();
     let tiles = m.div_ceil(MR);
-    let mut k0 = 0;
-    while k0 < k {
+    // One k-block of one panel against row tiles `ts`.
+    let block = |p: usize, k0: usize, ts: std::ops::Range<usize>| {
         let kc = KC.min(k - k0);
-        for group in (0..tiles).step_by(TILES_PER_GROUP) {
-            for p in panels.clone() {
-                // This block of the panel stays in L1 while every row tile of
-                // the group (whose k-block stays in L2) passes over it.
-                let w_blk = &w[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
-                let cols = NR.min(n - p * NR);
-                for t in group..(group + TILES_PER_GROUP).min(tiles) {
-                    let a_blk = &a[t * k * MR + k0 * MR..t * k * MR + (k0 + kc) * MR];
-                    let tile = Tile {
-                        c: out.0.add(t * MR * n + p * NR),
-                        ldc: n,
-                        rows: MR.min(m - t * MR),
-                        cols,
-                        accumulate: k0 > 0,
-                    };
-                    kernel(a_blk, w_blk, kc, &tile);
-                }
+        let w_blk = &w[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
+        for t in ts {
+            let a_blk = &a[t * k * MR + k0 * MR..t * k * MR + (k0 + kc) * MR];
+            let tile = Tile {
+                c: out.0.add(t * MR * n + p * NR),
+                ldc: n,
+                rows: MR.min(m - t * MR),
+                cols: NR.min(n - p * NR),
+                accumulate: k0 > 0,
+            };
+            kernel(a_blk, w_blk, kc, &tile);
+        }
+    };
+    if tiles <= STREAMING_TILES {
+        // Decode: few rows, and the step is a stream of weights from DRAM.
+        // Panel by panel, k-block by k-block, the weight is read in memory
+        // order, so the kernel's prefetch (one block ahead) asks for exactly
+        // what comes next and the stream never waits on a cold line.
+        for p in panels {
+            for k0 in (0..k).step_by(KC) {
+                block(p, k0, 0..tiles);
             }
         }
-        k0 += kc;
+        return;
+    }
+    // Prefill: many rows, compute-bound. Each panel's k-block stays in L1
+    // while every row tile of a group (whose k-block stays in L2) passes.
+    for k0 in (0..k).step_by(KC) {
+        for group in (0..tiles).step_by(TILES_PER_GROUP) {
+            for p in panels.clone() {
+                block(p, k0, group..(group + TILES_PER_GROUP).min(tiles));
+            }
+        }
     }
 }
 
@@ -450,10 +466,20 @@ mod kernel_speed {
         let iters = 200_000;
         let t = std::time::Instant::now();
         for i in 0..iters {
-            let tile = Tile { c: c.as_mut_ptr(), ldc: NR, rows: MR, cols: NR, accumulate: i > 0 };
+            let tile = Tile {
+                c: c.as_mut_ptr(),
+                ldc: NR,
+                rows: MR,
+                cols: NR,
+                accumulate: i > 0,
+            };
             unsafe { kernel(&a, &w, k, &tile) };
         }
         let s = t.elapsed().as_secs_f64();
-        println!("{:.1} GFLOP/s one core ({})", 2.0 * (MR * NR * k * iters) as f64 / s / 1e9, c[0]);
+        println!(
+            "{:.1} GFLOP/s one core ({})",
+            2.0 * (MR * NR * k * iters) as f64 / s / 1e9,
+            c[0]
+        );
     }
 }

@@ -15,6 +15,7 @@ mod cuda_kernels;
 pub mod device;
 pub mod error;
 pub mod fused;
+mod hugepages;
 pub mod kv;
 pub mod linear;
 pub mod loader;

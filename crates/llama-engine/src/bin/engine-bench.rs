@@ -168,6 +168,9 @@ fn main() -> Result<()> {
         let overhead_ns = (after.schedule_ns - before.schedule_ns)
             + (after.postprocess_ns - before.postprocess_ns);
         let steps = after.steps_total - before.steps_total;
+        let decode_steps = after.decode_steps_total - before.decode_steps_total;
+        let decode_ns = after.decode_forward_ns - before.decode_forward_ns;
+        let prompt_ns = (after.forward_ns - before.forward_ns) - decode_ns;
         let row = serde_json::json!({
             "concurrency": conc,
             "requests": results.len(),
@@ -177,6 +180,11 @@ fn main() -> Result<()> {
             "steps": steps,
             "ms_per_step": step_ns as f64 / 1e6 / steps.max(1) as f64,
             "engine_overhead_pct": 100.0 * overhead_ns as f64 / step_ns.max(1) as f64,
+            // Where the forward time went: steps carrying prompt tokens, and
+            // decode-only steps (with their mean batch).
+            "prompt_steps_s": prompt_ns as f64 / 1e9,
+            "decode_steps": decode_steps,
+            "decode_ms_per_step": decode_ns as f64 / 1e6 / decode_steps.max(1) as f64,
             "preemptions": after.preemptions_total - before.preemptions_total,
             "kv_blocks_used_after": after.kv_blocks_used,
             "kv_blocks_total": after.kv_blocks_total,
@@ -192,16 +200,18 @@ fn main() -> Result<()> {
             serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "results": rows})
         );
     } else {
-        println!("| concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | engine overhead % | preemptions |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | preemptions |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {} |",
+                "| {} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {} |",
                 r["concurrency"],
                 r["output_tok_s"].as_f64().unwrap(),
                 r["ttft_ms_p50"].as_f64().unwrap(),
                 r["ttft_ms_p99"].as_f64().unwrap(),
                 r["ms_per_step"].as_f64().unwrap(),
+                r["prompt_steps_s"].as_f64().unwrap(),
+                r["decode_ms_per_step"].as_f64().unwrap(),
                 r["engine_overhead_pct"].as_f64().unwrap(),
                 r["preemptions"]
             );

@@ -468,7 +468,11 @@ impl PagedAttention<'_> {
         let m = self.meta;
         let (group, kvh) = (m.num_heads / m.num_kv_heads, m.num_kv_heads);
         let tokens_per_task = (ROWS_PER_TASK / group).max(1);
-        let token_tiles: usize = m.seqs.iter().map(|s| s.q_len.div_ceil(tokens_per_task)).sum();
+        let token_tiles: usize = m
+            .seqs
+            .iter()
+            .map(|s| s.q_len.div_ceil(tokens_per_task))
+            .sum();
         // As many kv heads per task as the row budget allows, while leaving
         // about four tasks per thread for the pool to balance.
         let by_balance = (kvh * token_tiles / (4 * rayon::current_num_threads())).max(1);

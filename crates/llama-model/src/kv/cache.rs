@@ -185,8 +185,8 @@ impl KvCache {
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
+                    crate::hugepages::zeros(shape, dtype, device)?,
+                    crate::hugepages::zeros(shape, dtype, device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;

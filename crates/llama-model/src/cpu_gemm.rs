@@ -30,6 +30,11 @@ const KC: usize = 256;
 /// Row tiles whose k-block (24 × 256 floats = 144 KiB) shares L2 while the
 /// panels pass: prefill of hundreds of rows would otherwise spill L2.
 const TILES_PER_GROUP: usize = 24;
+/// k per block when streaming: short blocks that every row tile uses at once,
+/// so that the weight is consumed at an even rate (each line read by all
+/// tiles within a few hundred cycles) rather than in bursts; the price is
+/// reloading the outputs once per block.
+const KC_STREAM: usize = 64;
 /// Up to this many row tiles (24 rows) the weight is streamed in memory
 /// order; above, the loops are blocked for cache reuse.
 const STREAMING_TILES: usize = 4;
@@ -145,8 +150,7 @@ unsafe fn run_task(
     let kernel = micro_kernel();
     let tiles = m.div_ceil(MR);
     // One k-block of one panel against row tiles `ts`.
-    let block = |p: usize, k0: usize, ts: std::ops::Range<usize>| {
-        let kc = KC.min(k - k0);
+    let block = |p: usize, k0: usize, kc: usize, ts: std::ops::Range<usize>| {
         let w_blk = &w[p * k * NR + k0 * NR..p * k * NR + (k0 + kc) * NR];
         for t in ts {
             let a_blk = &a[t * k * MR + k0 * MR..t * k * MR + (k0 + kc) * MR];
@@ -166,8 +170,8 @@ unsafe fn run_task(
         // order, so the kernel's prefetch (one block ahead) asks for exactly
         // what comes next and the stream never waits on a cold line.
         for p in panels {
-            for k0 in (0..k).step_by(KC) {
-                block(p, k0, 0..tiles);
+            for k0 in (0..k).step_by(KC_STREAM) {
+                block(p, k0, KC_STREAM.min(k - k0), 0..tiles);
             }
         }
         return;
@@ -177,7 +181,12 @@ unsafe fn run_task(
     for k0 in (0..k).step_by(KC) {
         for group in (0..tiles).step_by(TILES_PER_GROUP) {
             for p in panels.clone() {
-                block(p, k0, group..(group + TILES_PER_GROUP).min(tiles));
+                block(
+                    p,
+                    k0,
+                    KC.min(k - k0),
+                    group..(group + TILES_PER_GROUP).min(tiles),
+                );
             }
         }
     }

@@ -206,7 +206,7 @@ fn has_avx2_fma() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     /// The portable row, compiled for AVX2 (its loops vectorise as written).
@@ -228,8 +228,11 @@ mod avx2 {
     /// `e^x` for eight lanes: Cephes' range reduction and degree-5
     /// polynomial (relative error about 2e-7 over the f32 range), clamped so
     /// that large inputs saturate instead of overflowing the exponent.
+    ///
+    /// # Safety
+    /// The caller must be compiled with AVX2 and FMA.
     #[inline(always)]
-    unsafe fn exp8(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         let x = _mm256_min_ps(
             _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
             _mm256_set1_ps(88.3),

@@ -8,6 +8,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::AttentionMeta;
+
+#[cfg(target_arch = "x86_64")]
+mod prefill;
 use crate::error::Result;
 
 trait Elem: Copy + Send + Sync + 'static {
@@ -511,7 +514,11 @@ impl PagedAttention<'_> {
                         match &f32_inputs {
                             Some(f) => {
                                 let out = OutPtr(out_ptr.0 as *mut f32);
-                                avx2::attend_f32(f, m, task, scratch, &out)
+                                if task.tokens > 1 && task.kv_heads.len() == 1 {
+                                    prefill::attend(f, m, task, scratch, &out)
+                                } else {
+                                    avx2::attend_f32(f, m, task, scratch, &out)
+                                }
                             }
                             None => avx2::attend(&inputs, m, task, scratch, &out_ptr),
                         }

@@ -87,9 +87,20 @@ fn compare(
 #[test]
 fn fused_cpu_matches_generic_across_shapes() {
     // (start_pos, q_len): decodes, prompt chunks, block boundaries, odd lengths.
-    let chunks = [(0, 7), (3, 1), (15, 1), (16, 5), (4, 4), (0, 1), (30, 3)];
+    // A 40-token prompt spans several 16-token tiles; head size 20 leaves a
+    // tail after the 8-wide vector loops.
+    let chunks = [
+        (0, 7),
+        (3, 1),
+        (15, 1),
+        (16, 5),
+        (4, 4),
+        (0, 1),
+        (30, 3),
+        (0, 40),
+    ];
     for (h, kv) in [(4, 4), (8, 2), (8, 1)] {
-        for d in [16, 64] {
+        for d in [16, 20, 64] {
             let rel = compare(h, kv, d, &chunks, DType::F32);
             assert!(rel < 1e-5, "f32 h={h} kv={kv} d={d}: {rel}");
             let rel = compare(h, kv, d, &chunks, DType::BF16);

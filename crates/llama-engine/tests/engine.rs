@@ -44,6 +44,7 @@ fn default_engine() -> (EngineHandle, Tokenizer) {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(16 * 400),
+            dtype: None,
         },
         ..Default::default()
     })
@@ -134,6 +135,7 @@ fn fifty_concurrent_requests_give_their_solo_outputs() {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(16 * 400),
+            dtype: None,
         },
         ..Default::default()
     });
@@ -280,6 +282,7 @@ fn full_queue_is_refused_and_context_checked() {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(16 * 64),
+            dtype: None,
         },
         ..Default::default()
     });
@@ -317,6 +320,7 @@ fn thousand_requests_with_cancellations_leak_nothing() {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(16 * 200),
+            dtype: None,
         },
         ..Default::default()
     });

@@ -245,6 +245,7 @@ fn forward_with_fused_kernels_matches_the_plain_path() {
             let spec = KvCacheSpec {
                 block_size: BLOCK_SIZE,
                 budget: KvBudget::Tokens(NUM_BLOCKS * BLOCK_SIZE),
+                dtype: None,
             };
             let prompts: Vec<Vec<u32>> = [5usize, 17, 33, 1]
                 .iter()

@@ -60,6 +60,7 @@ fn last_logits(dir: &Path) -> Vec<f32> {
         .new_kv_cache(&KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(64),
+            dtype: None,
         })
         .unwrap();
     let mut alloc = kv.allocator();
@@ -118,6 +119,7 @@ fn half_precision_loads_and_stays_close() {
             .new_kv_cache(&KvCacheSpec {
                 block_size: 16,
                 budget: KvBudget::Tokens(64),
+                dtype: None,
             })
             .unwrap();
         let mut table = BlockTable::new();

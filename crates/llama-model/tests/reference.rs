@@ -48,9 +48,14 @@ fn load() -> LlamaModel {
 }
 
 fn cache(model: &LlamaModel) -> (KvCache, BlockAllocator) {
+    cache_of(model, None)
+}
+
+fn cache_of(model: &LlamaModel, dtype: Option<llama_model::DType>) -> (KvCache, BlockAllocator) {
     let spec = KvCacheSpec {
         block_size: 16,
         budget: KvBudget::Tokens(16 * 256),
+        dtype,
     };
     let kv = model.new_kv_cache(&spec).unwrap();
     let alloc = kv.allocator();
@@ -370,7 +375,6 @@ fn random_weights_run_and_are_seeded() {
 /// margin is wider than that error.
 #[test]
 fn bf16_stays_within_the_fixture_tolerance() {
-    const TOL: f32 = 0.15;
     let mut model = LlamaModel::load(
         &model_dir(),
         &device(),
@@ -380,36 +384,74 @@ fn bf16_stays_within_the_fixture_tolerance() {
         },
     )
     .unwrap();
-    let reference = reference();
     for imp in [AttentionImpl::Auto, AttentionImpl::Generic] {
         model.set_attention(imp);
-        let (kv, mut alloc) = cache(&model);
-        let mut worst = 0f32;
-        let mut margin_checked = 0;
-        for p in reference["prompts"].as_array().unwrap() {
-            let name = format!("bf16 {imp:?}/{}", p["name"].as_str().unwrap());
-            let mut seq = Seq::new(ids(&p["prompt_ids"]));
-            let greedy = ids(&p["greedy_ids"]);
-            let steps_ids = p["greedy_step_top5_ids"].as_array().unwrap();
-            let steps_logits = p["greedy_step_top5_logits"].as_array().unwrap();
-            for i in 0..48 {
-                let chunk = if i == 0 { usize::MAX } else { 1 };
-                let rows = step(&model, &kv, &mut alloc, &mut [&mut seq], chunk);
-                let (top_ids, top) = (ids(&steps_ids[i]), floats(&steps_logits[i]));
-                for (id, want) in top_ids.iter().zip(&top) {
-                    let err = (rows[0][*id as usize] - want).abs();
-                    worst = worst.max(err);
-                    assert!(err < TOL, "{name} step {i}: logit of {id} off by {err}");
-                }
-                if top[0] - top[1] > 2.0 * TOL {
-                    margin_checked += 1;
-                    assert_eq!(argmax(&rows[0]), greedy[i], "{name} step {i}: argmax");
-                }
-                seq.tokens.push(greedy[i]);
-            }
-            alloc.release(&mut seq.table).unwrap();
-        }
-        println!("bf16 {imp:?}: worst top-5 logit error {worst:.4}, argmax checked at {margin_checked} steps");
-        assert!(margin_checked > 0, "no step had a clear reference margin");
+        teacher_forced_within(&model, None, 0.15, &format!("bf16 {imp:?}"));
     }
+}
+
+/// An f32 model with an f16 KV cache (`--kv-cache-dtype f16`, llama.cpp's
+/// default): the cache's rounding (about 5e-4 relative) moves the logits far
+/// less than a bf16 model does (worst top-5 error here 0.003, against 0.12).
+/// A bf16 cache rounds 8× more coarsely (worst 0.025).
+#[test]
+fn narrow_kv_caches_stay_close_to_the_reference() {
+    let mut model = load();
+    if !model.device().is_cpu() {
+        // The CUDA kernels read the cache as the activations' dtype.
+        return;
+    }
+    for imp in [AttentionImpl::Auto, AttentionImpl::Generic] {
+        model.set_attention(imp);
+        for (dtype, tol) in [
+            (llama_model::DType::F16, 0.01),
+            (llama_model::DType::BF16, 0.06),
+        ] {
+            let label = format!("f32 model, {dtype:?} cache, {imp:?}");
+            teacher_forced_within(&model, Some(dtype), tol, &label);
+        }
+    }
+}
+
+/// Every reference top-5 logit within `tol` at each of the 48 steps, with the
+/// reference ids fed back (teacher forcing) so that the steps stay
+/// comparable; and the argmax is the reference id wherever the reference's
+/// top-1 margin is wider than twice that.
+fn teacher_forced_within(
+    model: &LlamaModel,
+    kv_dtype: Option<llama_model::DType>,
+    tol: f32,
+    label: &str,
+) {
+    let reference = reference();
+    let (kv, mut alloc) = cache_of(model, kv_dtype);
+    let mut worst = 0f32;
+    let mut margin_checked = 0;
+    for p in reference["prompts"].as_array().unwrap() {
+        let name = format!("{label}/{}", p["name"].as_str().unwrap());
+        let mut seq = Seq::new(ids(&p["prompt_ids"]));
+        let greedy = ids(&p["greedy_ids"]);
+        let steps_ids = p["greedy_step_top5_ids"].as_array().unwrap();
+        let steps_logits = p["greedy_step_top5_logits"].as_array().unwrap();
+        for i in 0..48 {
+            let chunk = if i == 0 { usize::MAX } else { 1 };
+            let rows = step(model, &kv, &mut alloc, &mut [&mut seq], chunk);
+            let (top_ids, top) = (ids(&steps_ids[i]), floats(&steps_logits[i]));
+            for (id, want) in top_ids.iter().zip(&top) {
+                let err = (rows[0][*id as usize] - want).abs();
+                worst = worst.max(err);
+                assert!(err < tol, "{name} step {i}: logit of {id} off by {err}");
+            }
+            if top[0] - top[1] > 2.0 * tol {
+                margin_checked += 1;
+                assert_eq!(argmax(&rows[0]), greedy[i], "{name} step {i}: argmax");
+            }
+            seq.tokens.push(greedy[i]);
+        }
+        alloc.release(&mut seq.table).unwrap();
+    }
+    println!(
+        "{label}: worst top-5 logit error {worst:.4}, argmax checked at {margin_checked} steps"
+    );
+    assert!(margin_checked > 0, "no step had a clear reference margin");
 }

@@ -62,6 +62,12 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
 
+    /// KV cache element type: auto (the model's), f32, f16 or bf16. f16 for an
+    /// f32 model (llama.cpp's default) halves the cache and the bytes each
+    /// decode step reads; CPU only.
+    #[arg(long, env = "LLAMA_SERVE_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: Option<String>,
+
     /// Most sequences running in one step.
     #[arg(long, env = "LLAMA_SERVE_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -123,6 +129,7 @@ pub struct FileConfig {
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub kv_cache_memory: Option<String>,
+    pub kv_cache_dtype: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,

@@ -35,6 +35,7 @@ pub struct ModelSettings {
 #[derive(Debug, Clone, Default)]
 pub struct EngineSettings {
     pub kv_cache_memory: Option<String>,
+    pub kv_cache_dtype: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,
@@ -153,6 +154,7 @@ impl ServerConfig {
             },
             engine: EngineSettings {
                 kv_cache_memory: cli.kv_cache_memory.or(file.kv_cache_memory),
+                kv_cache_dtype: cli.kv_cache_dtype.or(file.kv_cache_dtype),
                 max_num_seqs: cli.max_num_seqs.or(file.max_num_seqs),
                 max_num_batched_tokens: cli.max_num_batched_tokens.or(file.max_num_batched_tokens),
                 max_queue: cli.max_queue.or(file.max_queue),

@@ -39,6 +39,17 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
             ..engine.kv_cache
         };
     }
+    if let Some(name) = &settings.kv_cache_dtype {
+        engine.kv_cache.dtype = match name.trim() {
+            "auto" => None,
+            other => Some(
+                other
+                    .parse::<DTypeSpec>()
+                    .map_err(|e| anyhow::anyhow!("--kv-cache-dtype: {e} (auto, f32, f16 or bf16)"))?
+                    .dtype(),
+            ),
+        };
+    }
     if let Some(v) = settings.max_num_seqs {
         engine.max_num_seqs = v;
     }
@@ -131,4 +142,33 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         served,
         options,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_kv_dtype(name: &str) -> anyhow::Result<EngineConfig> {
+        let mut config = ServerConfig::default();
+        config.engine.kv_cache_dtype = Some(name.into());
+        engine_config(&config, DeviceSpec::Cpu)
+    }
+
+    #[test]
+    fn kv_cache_dtype_is_parsed_and_checked() {
+        assert_eq!(with_kv_dtype("auto").unwrap().kv_cache.dtype, None);
+        assert_eq!(
+            with_kv_dtype("f16").unwrap().kv_cache.dtype,
+            Some(llama_model::DType::F16)
+        );
+        assert_eq!(
+            with_kv_dtype("bfloat16").unwrap().kv_cache.dtype,
+            Some(llama_model::DType::BF16)
+        );
+        let err = with_kv_dtype("int8").unwrap_err().to_string();
+        assert!(err.contains("--kv-cache-dtype"), "{err}");
+        // Unset: the cache takes the model's dtype.
+        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        assert_eq!(default.kv_cache.dtype, None);
+    }
 }

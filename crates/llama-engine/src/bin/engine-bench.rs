@@ -41,6 +41,10 @@ struct Args {
     kv_cache_memory: String,
     #[arg(long, default_value_t = 512)]
     max_num_batched_tokens: usize,
+    /// KV cache element type: auto (the model's), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
+
     #[arg(long)]
     json: bool,
 }
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget,
+            dtype: kv_dtype(&args.kv_cache_dtype)?,
         },
         ..Default::default()
     };
@@ -219,4 +224,11 @@ fn main() -> Result<()> {
     }
     handle.shutdown();
     Ok(())
+}
+
+fn kv_dtype(name: &str) -> Result<Option<llama_model::DType>> {
+    Ok(match name {
+        "auto" => None,
+        other => Some(other.parse::<DTypeSpec>()?.dtype()),
+    })
 }

@@ -17,16 +17,18 @@ pub fn write_kv(
     let index = meta.scatter_index(k_cache.device())?;
     let t = meta.num_tokens();
     // reshape of a contiguous tensor shares its storage, so the scatter lands in the cache.
-    k_cache.reshape((slots, width))?.scatter_set(
-        index,
-        &k.reshape((t, width))?.contiguous()?,
-        0,
-    )?;
-    v_cache.reshape((slots, width))?.scatter_set(
-        index,
-        &v.reshape((t, width))?.contiguous()?,
-        0,
-    )?;
+    // The cache may hold another dtype than the activations (--kv-cache-dtype).
+    let rows = |x: &Tensor| {
+        x.reshape((t, width))?
+            .to_dtype(k_cache.dtype())?
+            .contiguous()
+    };
+    k_cache
+        .reshape((slots, width))?
+        .scatter_set(index, &rows(k)?, 0)?;
+    v_cache
+        .reshape((slots, width))?
+        .scatter_set(index, &rows(v)?, 0)?;
     Ok(())
 }
 

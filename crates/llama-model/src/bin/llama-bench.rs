@@ -50,6 +50,9 @@ struct Args {
     /// sync after every stage, and report where the time went.
     #[arg(long)]
     profile: bool,
+    /// KV cache element type: auto (the model's), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -129,6 +132,7 @@ fn main() -> Result<()> {
     let spec = KvCacheSpec {
         block_size,
         budget: KvBudget::Tokens(max_batch * blocks_per_seq * block_size),
+        dtype: kv_dtype(&args.kv_cache_dtype)?,
     };
     let kv = model.new_kv_cache(&spec)?;
     let mut alloc = kv.allocator();
@@ -314,4 +318,11 @@ fn print_profile(title: &str, stages: &[(&'static str, f64)]) {
             100.0 * ms / total.max(1e-9)
         );
     }
+}
+
+fn kv_dtype(name: &str) -> Result<Option<llama_model::DType>> {
+    Ok(match name {
+        "auto" => None,
+        other => Some(other.parse::<DTypeSpec>()?.dtype()),
+    })
 }

@@ -85,6 +85,11 @@ pub struct KvCacheSpec {
     /// enough that block tables stay short.
     pub block_size: usize,
     pub budget: KvBudget,
+    /// The cache's element type; `None` is the model's. A narrower type than
+    /// the activations (f16 for an f32 model, as llama.cpp does by default)
+    /// halves the cache's memory and the bytes each decode step reads, at a
+    /// small loss of precision. CPU only.
+    pub dtype: Option<DType>,
 }
 
 impl Default for KvCacheSpec {
@@ -92,6 +97,7 @@ impl Default for KvCacheSpec {
         Self {
             block_size: 16,
             budget: KvBudget::Bytes(1 << 30),
+            dtype: None,
         }
     }
 }
@@ -131,6 +137,25 @@ impl KvCacheSpec {
             budget: KvBudget::Bytes(bytes),
             ..*self
         })
+    }
+
+    /// The element type of a cache for a model of `model_dtype` on `device`.
+    pub fn cache_dtype(&self, model_dtype: DType, device: &Device) -> Result<DType, KvError> {
+        let Some(dtype) = self.dtype else {
+            return Ok(model_dtype);
+        };
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(KvError::Dtype(format!(
+                "a KV cache of {dtype:?}: f32, f16 or bf16 only"
+            )));
+        }
+        // The CUDA kernels read the cache as the activations' type.
+        if dtype != model_dtype && !device.is_cpu() {
+            return Err(KvError::Dtype(format!(
+                "a {dtype:?} KV cache for a {model_dtype:?} model runs on the CPU only; on this device the cache takes the model's dtype"
+            )));
+        }
+        Ok(dtype)
     }
 
     pub fn num_blocks(&self, cfg: &LlamaConfig, dtype: DType) -> Result<usize, KvError> {
@@ -175,6 +200,7 @@ impl KvCache {
         let spec = &spec
             .resolve_budget(crate::device::memory_info(device))
             .map_err(KvError::Budget)?;
+        let dtype = spec.cache_dtype(dtype, device)?;
         let num_blocks = spec.num_blocks(cfg, dtype)?;
         let shape = (
             num_blocks,
@@ -339,6 +365,7 @@ mod tests {
         let spec = KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Bytes(512 * 16 * 10 + 100),
+            dtype: None,
         };
         let cache = KvCache::new(&cfg, &spec, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(cache.num_blocks(), 10);
@@ -346,11 +373,13 @@ mod tests {
         let spec = KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(100),
+            dtype: None,
         };
         assert_eq!(spec.num_blocks(&cfg, DType::F32).unwrap(), 6);
         let spec = KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Bytes(10),
+            dtype: None,
         };
         assert!(matches!(
             spec.num_blocks(&cfg, DType::F32),
@@ -364,6 +393,7 @@ mod tests {
         let spec = KvCacheSpec {
             block_size: 16,
             budget: KvBudget::DeviceFraction(0.9),
+            dtype: None,
         };
         // 80 GiB device, 14 GiB in use (weights): 72 - 14 - 3.2 (4% reserve) GiB for the pool.
         let resolved = spec.resolve_budget(Some((66 * GIB, 80 * GIB))).unwrap();
@@ -381,6 +411,7 @@ mod tests {
         let spec = KvCacheSpec {
             block_size: 16,
             budget: KvBudget::DeviceFraction(0.99),
+            dtype: None,
         };
         if let Some((free, total)) = crate::device::memory_info(&Device::Cpu) {
             if free > total / 2 {
@@ -398,6 +429,7 @@ mod tests {
         let spec = KvCacheSpec {
             block_size: 4,
             budget: KvBudget::Tokens(16),
+            dtype: None,
         };
         let cache = KvCache::new(&cfg, &spec, DType::F32, &Device::Cpu).unwrap();
         let (k, _) = cache.layer(1);

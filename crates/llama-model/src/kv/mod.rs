@@ -22,4 +22,6 @@ pub enum KvError {
     ZeroBlockSize,
     #[error("{0}")]
     Budget(String),
+    #[error("{0}")]
+    Dtype(String),
 }

@@ -1,5 +1,6 @@
-//! Prompt tiles in f32 with AVX2: the query rows of up to 16 tokens against
-//! one kv head, block by block of the cache.
+//! Prompt tiles with AVX2: the query rows of up to 16 tokens against one kv
+//! head, block by block of the cache (any activation and cache dtype; the
+//! arithmetic is f32).
 //!
 //! The generic loop, position by position over all the tile's rows, kept a
 //! 16-row accumulator in memory (a load and a store of every accumulator
@@ -10,19 +11,20 @@
 
 use std::arch::x86_64::*;
 
-use super::{AttentionMeta, Inputs, OutPtr, Scratch, Task};
+use super::simd::{dot, hsum, KvSimd};
+use super::{AttentionMeta, Elem, Inputs, OutPtr, Scratch, Task};
 use crate::cpu_kernels::avx2::exp8;
 
 /// # Safety
-/// The CPU must have AVX2 and FMA; `task` must cover one kv head, and no
-/// other task may write its output rows.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn attend(
-    inputs: &Inputs<f32>,
+/// The CPU must have AVX2, FMA and F16C; `task` must cover one kv head, and
+/// no other task may write its output rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attend<Q: Elem, KV: KvSimd>(
+    inputs: &Inputs<Q, KV>,
     m: &AttentionMeta,
     task: &Task,
     s: &mut Scratch,
-    out: &OutPtr<f32>,
+    out: &OutPtr<Q>,
 ) {
     let (h, d, bs) = (m.num_heads, m.head_dim, m.block_size);
     let group = h / m.num_kv_heads;
@@ -41,11 +43,8 @@ pub unsafe fn attend(
 
     s.q.clear();
     for r in 0..rows {
-        s.q.extend(
-            inputs.q[q_row(r) * d..(q_row(r) + 1) * d]
-                .iter()
-                .map(|x| x * m.scale),
-        );
+        let qr = &inputs.q[q_row(r) * d..(q_row(r) + 1) * d];
+        s.q.extend(qr.iter().map(|x| x.to_f32() * m.scale));
     }
     s.scores.clear();
     s.scores.resize(rows * ctx_max, 0.0);
@@ -70,10 +69,22 @@ pub unsafe fn attend(
         s.acc.push(1.0 / exp_in_place(row));
     }
 
+    let mut row_out = vec![0f32; d];
     for r in 0..rows {
-        let dst = std::slice::from_raw_parts_mut(out.0.add(q_row(r) * d), d);
         let probs = &s.scores[r * ctx_max..r * ctx_max + ctx(r)];
-        weighted_values(inputs.v, probs, bs, kv_row, &block_base, s.acc[r], dst);
+        weighted_values(
+            inputs.v,
+            probs,
+            bs,
+            kv_row,
+            &block_base,
+            s.acc[r],
+            &mut row_out,
+        );
+        let dst = std::slice::from_raw_parts_mut(out.0.add(q_row(r) * d), d);
+        for (o, x) in dst.iter_mut().zip(&row_out) {
+            *o = Q::from_f32(*x);
+        }
     }
 }
 
@@ -100,8 +111,8 @@ unsafe fn exp_in_place(row: &mut [f32]) -> f32 {
 /// `dst = scale · Σ_j probs[j] · V[j]` over the row's positions, 64 dims at
 /// a time in eight accumulators.
 #[inline(always)]
-unsafe fn weighted_values(
-    v: &[f32],
+unsafe fn weighted_values<KV: KvSimd>(
+    v: &[KV],
     probs: &[f32],
     bs: usize,
     kv_row: usize,
@@ -114,14 +125,14 @@ unsafe fn weighted_values(
     while d0 + 8 <= d {
         let lanes = ((d - d0) / 8).min(8);
         match lanes {
-            8 => lanes_sum::<8>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            7 => lanes_sum::<7>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            6 => lanes_sum::<6>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            5 => lanes_sum::<5>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            4 => lanes_sum::<4>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            3 => lanes_sum::<3>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            2 => lanes_sum::<2>(v, probs, bs, kv_row, block_base, scale, d0, dst),
-            _ => lanes_sum::<1>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            8 => lanes_sum::<KV, 8>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            7 => lanes_sum::<KV, 7>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            6 => lanes_sum::<KV, 6>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            5 => lanes_sum::<KV, 5>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            4 => lanes_sum::<KV, 4>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            3 => lanes_sum::<KV, 3>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            2 => lanes_sum::<KV, 2>(v, probs, bs, kv_row, block_base, scale, d0, dst),
+            _ => lanes_sum::<KV, 1>(v, probs, bs, kv_row, block_base, scale, d0, dst),
         }
         d0 += lanes * 8;
     }
@@ -129,7 +140,7 @@ unsafe fn weighted_values(
     for (i, o) in dst.iter_mut().enumerate().skip(d0) {
         let mut acc = 0f32;
         for (j, p) in probs.iter().enumerate() {
-            acc += p * v[block_base(j / bs) + (j % bs) * kv_row + i];
+            acc += p * v[block_base(j / bs) + (j % bs) * kv_row + i].to_f32();
         }
         *o = acc * scale;
     }
@@ -137,8 +148,8 @@ unsafe fn weighted_values(
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn lanes_sum<const L: usize>(
-    v: &[f32],
+unsafe fn lanes_sum<KV: KvSimd, const L: usize>(
+    v: &[KV],
     probs: &[f32],
     bs: usize,
     kv_row: usize,
@@ -154,7 +165,7 @@ unsafe fn lanes_sum<const L: usize>(
             let pv = _mm256_set1_ps(p);
             let row = v[base + o * kv_row..base + o * kv_row + L * 8].as_ptr();
             for (l, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(l * 8)), *a);
+                *a = _mm256_fmadd_ps(pv, KV::load8(row.add(l * 8)), *a);
             }
         }
     }
@@ -162,38 +173,4 @@ unsafe fn lanes_sum<const L: usize>(
     for (l, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(dst.as_mut_ptr().add(d0 + l * 8), _mm256_mul_ps(*a, vs));
     }
-}
-
-#[inline(always)]
-unsafe fn dot(q: &[f32], k: &[f32]) -> f32 {
-    let n = q.len().min(k.len());
-    let (q, k) = (q.as_ptr(), k.as_ptr());
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= n {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
-        a1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(q.add(i + 8)),
-            _mm256_loadu_ps(k.add(i + 8)),
-            a1,
-        );
-        i += 16;
-    }
-    if i + 8 <= n {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
-        i += 8;
-    }
-    let mut sum = hsum(_mm256_add_ps(a0, a1));
-    while i < n {
-        sum += *q.add(i) * *k.add(i);
-        i += 1;
-    }
-    sum
-}
-
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }

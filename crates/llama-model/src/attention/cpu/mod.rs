@@ -1,7 +1,10 @@
 //! Fused CPU kernels: the cache write and paged attention read the block tables
 //! directly, with f32 accumulation whatever the storage dtype, parallel over
-//! (token, head) with rayon. No per-sequence tensor ops, so a decode step of 64
-//! sequences costs one kernel call per layer instead of hundreds of small ops.
+//! tasks of (tokens, kv heads) with rayon. No per-sequence tensor ops, so a
+//! decode step of 64 sequences costs one kernel call per layer instead of
+//! hundreds of small ops. The cache may hold another dtype than the
+//! activations (`--kv-cache-dtype`): values are converted as they are written
+//! and widened to f32 as they are read.
 
 use candle_core::{bail, CpuStorage, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
 use half::{bf16, f16};
@@ -9,17 +12,16 @@ use rayon::prelude::*;
 
 use super::AttentionMeta;
 
+use crate::error::Result;
+
 #[cfg(target_arch = "x86_64")]
 mod prefill;
-use crate::error::Result;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
-    /// The slice itself when the element is f32: picks the SIMD kernel.
-    fn as_f32(_s: &[Self]) -> Option<&[f32]> {
-        None
-    }
 }
 
 impl Elem for f32 {
@@ -30,9 +32,6 @@ impl Elem for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
-    }
-    fn as_f32(s: &[Self]) -> Option<&[f32]> {
-        Some(s)
     }
 }
 
@@ -72,11 +71,11 @@ struct WriteSlots<'a> {
 }
 
 impl WriteSlots<'_> {
-    fn copy<T: Copy>(
+    fn copy<D: Elem, S: Elem>(
         &self,
-        dst: &mut [T],
+        dst: &mut [D],
         dl: &Layout,
-        src: &[T],
+        src: &[S],
         sl: &Layout,
     ) -> candle_core::Result<()> {
         let (start, end) = match dl.contiguous_offsets() {
@@ -98,8 +97,17 @@ impl WriteSlots<'_> {
             if at + self.width > dst.len() {
                 bail!("kv write: slot {slot} outside the cache");
             }
-            dst[at..at + self.width]
-                .copy_from_slice(&src[row * self.width..(row + 1) * self.width]);
+            let from = &src[row * self.width..(row + 1) * self.width];
+            let to = &mut dst[at..at + self.width];
+            if std::any::TypeId::of::<D>() == std::any::TypeId::of::<S>() {
+                // SAFETY: D and S are the same type (checked just above).
+                let from = unsafe { &*(from as *const [S] as *const [D]) };
+                to.copy_from_slice(from);
+            } else {
+                for (t, f) in to.iter_mut().zip(from) {
+                    *t = D::from_f32(f.to_f32());
+                }
+            }
         }
         Ok(())
     }
@@ -117,11 +125,21 @@ impl InplaceOp2 for WriteSlots<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        match (s1, s2) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.copy(d, l1, s, l2),
-            (CpuStorage::F16(d), CpuStorage::F16(s)) => self.copy(d, l1, s, l2),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => self.copy(d, l1, s, l2),
-            _ => bail!("kv write: cache and values must share a dtype (f32, f16 or bf16)"),
+        macro_rules! by_source {
+            ($dst:expr) => {
+                match s2 {
+                    CpuStorage::F32(s) => self.copy($dst, l1, s, l2),
+                    CpuStorage::F16(s) => self.copy($dst, l1, s, l2),
+                    CpuStorage::BF16(s) => self.copy($dst, l1, s, l2),
+                    _ => bail!("kv write: values must be f32, f16 or bf16"),
+                }
+            };
+        }
+        match s1 {
+            CpuStorage::F32(d) => by_source!(d),
+            CpuStorage::F16(d) => by_source!(d),
+            CpuStorage::BF16(d) => by_source!(d),
+            _ => bail!("kv write: the cache must be f32, f16 or bf16"),
         }
     }
 }
@@ -232,13 +250,13 @@ struct OutPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
 /// A task's inputs: the step's queries and this layer's caches.
-struct Inputs<'a, T> {
-    q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
+struct Inputs<'a, Q, KV> {
+    q: &'a [Q],
+    k: &'a [KV],
+    v: &'a [KV],
 }
 
-impl<T: Elem> Inputs<'_, T> {
+impl<Q: Elem, KV: Elem> Inputs<'_, Q, KV> {
     /// The body of every variant of the kernel, with its two inner loops
     /// passed in: `dot(q, key)` and `axpy(acc, weight, value)`.
     ///
@@ -251,9 +269,9 @@ impl<T: Elem> Inputs<'_, T> {
         m: &AttentionMeta,
         task: &Task,
         s: &mut Scratch,
-        out: &OutPtr<T>,
-        dot: impl Fn(&[f32], &[T]) -> f32,
-        axpy: impl Fn(&mut [f32], f32, &[T]),
+        out: &OutPtr<Q>,
+        dot: impl Fn(&[f32], &[KV]) -> f32,
+        axpy: impl Fn(&mut [f32], f32, &[KV]),
     ) {
         let (h, d, bs) = (m.num_heads, m.head_dim, m.block_size);
         let group = h / m.num_kv_heads;
@@ -334,7 +352,7 @@ impl<T: Elem> Inputs<'_, T> {
         for r in 0..rows {
             let dst = std::slice::from_raw_parts_mut(out.0.add(q_row(r) * d), d);
             for (o, a) in dst.iter_mut().zip(&s.acc[r * d..(r + 1) * d]) {
-                *o = T::from_f32(*a);
+                *o = Q::from_f32(*a);
             }
         }
     }
@@ -349,9 +367,9 @@ impl<T: Elem> Inputs<'_, T> {
         m: &AttentionMeta,
         task: &Task,
         s: &mut Scratch,
-        out: &OutPtr<T>,
+        out: &OutPtr<Q>,
     ) {
-        self.attend_with(m, task, s, out, dot_lanes::<T, FMA>, |acc, w, v| {
+        self.attend_with(m, task, s, out, dot_lanes::<KV, FMA>, |acc, w, v| {
             for (a, x) in acc.iter_mut().zip(v) {
                 *a = madd::<FMA>(w, x.to_f32(), *a);
             }
@@ -361,100 +379,39 @@ impl<T: Elem> Inputs<'_, T> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use std::arch::x86_64::*;
-
+    use super::simd::{self, KvSimd};
     use super::{AttentionMeta, Elem, Inputs, OutPtr, Scratch, Task};
 
-    /// Any element type: the generic loops, compiled with FMA.
+    /// The general loops with AVX2 dot products and scaled adds: decode
+    /// tasks, and prompt tiles that span several kv heads.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; and as [`Inputs::attend_with`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend<T: Elem>(
-        inputs: &Inputs<T>,
+    /// The CPU must have AVX2, FMA and F16C; and as [`Inputs::attend_with`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend<Q: Elem, KV: KvSimd>(
+        inputs: &Inputs<Q, KV>,
         m: &AttentionMeta,
         task: &Task,
         s: &mut Scratch,
-        out: &OutPtr<T>,
-    ) {
-        inputs.attend::<true>(m, task, s, out)
-    }
-
-    /// f32: the loops in AVX2 intrinsics (the compiler leaves the generic
-    /// ones scalar).
-    ///
-    /// # Safety
-    /// As [`attend`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_f32(
-        inputs: &Inputs<f32>,
-        m: &AttentionMeta,
-        task: &Task,
-        s: &mut Scratch,
-        out: &OutPtr<f32>,
+        out: &OutPtr<Q>,
     ) {
         inputs.attend_with(
             m,
             task,
             s,
             out,
-            |q, k| dot(q, k),
-            |acc, w, v| axpy(acc, w, v),
+            |q, k| simd::dot(q, k),
+            |acc, w, v| simd::axpy(acc, w, v),
         )
-    }
-
-    #[inline(always)]
-    unsafe fn dot(q: &[f32], k: &[f32]) -> f32 {
-        let n = q.len().min(k.len());
-        let (q, k) = (q.as_ptr(), k.as_ptr());
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
-            a1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(q.add(i + 8)),
-                _mm256_loadu_ps(k.add(i + 8)),
-                a1,
-            );
-            i += 16;
-        }
-        if i + 8 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
-            i += 8;
-        }
-        let v = _mm256_add_ps(a0, a1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let mut sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-        while i < n {
-            sum += *q.add(i) * *k.add(i);
-            i += 1;
-        }
-        sum
-    }
-
-    #[inline(always)]
-    unsafe fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
-        let n = acc.len().min(v.len());
-        let (a, v) = (acc.as_mut_ptr(), v.as_ptr());
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        while i + 8 <= n {
-            let x = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.add(i)), _mm256_loadu_ps(a.add(i)));
-            _mm256_storeu_ps(a.add(i), x);
-            i += 8;
-        }
-        while i < n {
-            *a.add(i) += w * *v.add(i);
-            i += 1;
-        }
     }
 }
 
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -467,7 +424,7 @@ struct PagedAttention<'a> {
 }
 
 impl PagedAttention<'_> {
-    fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    fn run<Q: Elem, KV: KernelKv>(&self, q: &[Q], k: &[KV], v: &[KV]) -> Vec<Q> {
         let m = self.meta;
         let (group, kvh) = (m.num_heads / m.num_kv_heads, m.num_kv_heads);
         let tokens_per_task = (ROWS_PER_TASK / group).max(1);
@@ -495,42 +452,43 @@ impl PagedAttention<'_> {
                 }
             }
         }
-        let mut out = vec![T::from_f32(0.0); q.len()];
+        let mut out = vec![Q::from_f32(0.0); q.len()];
         let out_ptr = OutPtr(out.as_mut_ptr());
         let inputs = Inputs { q, k, v };
         let simd = has_avx2_fma();
-        let f32_inputs = match (T::as_f32(q), T::as_f32(k), T::as_f32(v)) {
-            (Some(q), Some(k), Some(v)) => Some(Inputs { q, k, v }),
-            _ => None,
-        };
         tasks
             .par_iter()
             .for_each_init(Scratch::default, |scratch, task| {
-                // SAFETY: every (token, head) row belongs to exactly one task.
+                // SAFETY (all calls): every (token, head) row belongs to
+                // exactly one task; the SIMD kernels run only where AVX2,
+                // FMA and F16C were detected.
                 #[cfg(target_arch = "x86_64")]
                 if simd {
-                    // SAFETY: AVX2 and FMA were detected on this CPU.
                     unsafe {
-                        match &f32_inputs {
-                            Some(f) => {
-                                let out = OutPtr(out_ptr.0 as *mut f32);
-                                if task.tokens > 1 && task.kv_heads.len() == 1 {
-                                    prefill::attend(f, m, task, scratch, &out)
-                                } else {
-                                    avx2::attend_f32(f, m, task, scratch, &out)
-                                }
-                            }
-                            None => avx2::attend(&inputs, m, task, scratch, &out_ptr),
+                        if task.tokens > 1 && task.kv_heads.len() == 1 {
+                            prefill::attend(&inputs, m, task, scratch, &out_ptr)
+                        } else {
+                            avx2::attend(&inputs, m, task, scratch, &out_ptr)
                         }
                     }
                     return;
                 }
-                let _ = (simd, &f32_inputs);
+                let _ = simd;
                 unsafe { inputs.attend::<false>(m, task, scratch, &out_ptr) };
             });
         out
     }
 }
+
+/// A cache element type every kernel takes (the SIMD ones on x86-64).
+#[cfg(target_arch = "x86_64")]
+trait KernelKv: simd::KvSimd {}
+#[cfg(target_arch = "x86_64")]
+impl<T: simd::KvSimd> KernelKv for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait KernelKv: Elem {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Elem> KernelKv for T {}
 
 impl CustomOp3 for PagedAttention<'_> {
     fn name(&self) -> &'static str {
@@ -547,29 +505,36 @@ impl CustomOp3 for PagedAttention<'_> {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
-        let storage = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.run(
-                    contiguous(q, l1, "q")?,
-                    contiguous(k, l2, "k cache")?,
-                    contiguous(v, l3, "v cache")?,
-                ))
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                CpuStorage::F16(self.run(
-                    contiguous(q, l1, "q")?,
-                    contiguous(k, l2, "k cache")?,
-                    contiguous(v, l3, "v cache")?,
-                ))
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                CpuStorage::BF16(self.run(
-                    contiguous(q, l1, "q")?,
-                    contiguous(k, l2, "k cache")?,
-                    contiguous(v, l3, "v cache")?,
-                ))
-            }
-            _ => bail!("paged attention: q and caches must share a dtype (f32, f16 or bf16)"),
+        let (k, v) = (s2, s3);
+        macro_rules! by_cache {
+            ($q:expr, $wrap:path) => {
+                match (k, v) {
+                    (CpuStorage::F32(k), CpuStorage::F32(v)) => $wrap(self.run(
+                        contiguous($q, l1, "q")?,
+                        contiguous(k, l2, "k cache")?,
+                        contiguous(v, l3, "v cache")?,
+                    )),
+                    (CpuStorage::F16(k), CpuStorage::F16(v)) => $wrap(self.run(
+                        contiguous($q, l1, "q")?,
+                        contiguous(k, l2, "k cache")?,
+                        contiguous(v, l3, "v cache")?,
+                    )),
+                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => $wrap(self.run(
+                        contiguous($q, l1, "q")?,
+                        contiguous(k, l2, "k cache")?,
+                        contiguous(v, l3, "v cache")?,
+                    )),
+                    _ => bail!(
+                        "paged attention: k and v caches must share a dtype (f32, f16 or bf16)"
+                    ),
+                }
+            };
+        }
+        let storage = match s1 {
+            CpuStorage::F32(q) => by_cache!(q, CpuStorage::F32),
+            CpuStorage::F16(q) => by_cache!(q, CpuStorage::F16),
+            CpuStorage::BF16(q) => by_cache!(q, CpuStorage::BF16),
+            _ => bail!("paged attention: q must be f32, f16 or bf16"),
         };
         Ok((storage, shape))
     }

@@ -50,13 +50,21 @@ pub struct StepRope {
 
 impl StepRope {
     pub fn new(rope: &RopeTables, positions: &Tensor, meta: &AttentionMeta) -> Result<Self> {
-        let rows = if meta.use_cuda_kernels(positions.device()) {
+        let fused = meta.use_cuda_kernels(positions.device())
+            || use_cpu_rope(rope, positions.device(), meta);
+        let rows = if fused {
             None
         } else {
             Some(rope.gather(positions)?)
         };
         Ok(Self { rows })
     }
+}
+
+/// The fused CPU RoPE + cache write applies: f32 activations on the CPU with
+/// fused kernels on.
+fn use_cpu_rope(rope: &RopeTables, device: &candle_core::Device, meta: &AttentionMeta) -> bool {
+    meta.use_cpu_kernels(device) && rope.cos.dtype() == candle_core::DType::F32
 }
 
 /// Splits the fused QKV projection `[n, (h + 2 kvh) d]`, applies RoPE to q
@@ -71,6 +79,13 @@ pub fn rope_and_write_kv(
     let (h, kvh, d) = (meta.num_heads, meta.num_kv_heads, meta.head_dim);
     let (k_cache, v_cache) = caches;
     let Some((cos, sin)) = &step_rope.rows else {
+        if use_cpu_rope(rope, qkv.device(), meta) {
+            let rows = attention::cpu::RopeRows {
+                cos: &rope.host_cos,
+                sin: &rope.host_sin,
+            };
+            return attention::cpu::rope_write_kv(qkv, &rows, caches, meta);
+        }
         #[cfg(feature = "cuda")]
         {
             let step = meta.cuda_meta(qkv.device())?;

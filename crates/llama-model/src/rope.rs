@@ -10,6 +10,10 @@ pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,
     pub max_positions: usize,
+    /// The same tables in f32 on the host, for the fused CPU kernel (empty
+    /// on other devices).
+    pub host_cos: Vec<f32>,
+    pub host_sin: Vec<f32>,
 }
 
 impl RopeTables {
@@ -31,10 +35,17 @@ impl RopeTables {
                 sin.push(angle.sin());
             }
         }
+        let (host_cos, host_sin) = if device.is_cpu() {
+            (cos.clone(), sin.clone())
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ok(Self {
             cos: Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?,
             max_positions,
+            host_cos,
+            host_sin,
         })
     }
 

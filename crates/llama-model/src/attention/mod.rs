@@ -7,7 +7,7 @@
 //! and a plain-Candle path (gather + matmul) that runs on any device. The
 //! last is the reference the fused kernels are tested against.
 
-mod cpu;
+pub(crate) mod cpu;
 mod generic;
 
 use candle_core::{Device, Tensor};

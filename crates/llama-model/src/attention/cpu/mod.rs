@@ -6,7 +6,7 @@
 //! activations (`--kv-cache-dtype`): values are converted as they are written
 //! and widened to f32 as they are read.
 
-use candle_core::{bail, CpuStorage, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -16,6 +16,9 @@ use crate::error::Result;
 
 #[cfg(target_arch = "x86_64")]
 mod prefill;
+mod write;
+
+pub use write::{rope_write_kv, write_kv, RopeRows};
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
@@ -62,102 +65,6 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core:
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{what} must be contiguous"),
     }
-}
-
-/// Copies rows of `src` (`[tokens, width]`) into `dst` rows given by `slots`.
-struct WriteSlots<'a> {
-    slots: &'a [u32],
-    width: usize,
-}
-
-impl WriteSlots<'_> {
-    fn copy<D: Elem, S: Elem>(
-        &self,
-        dst: &mut [D],
-        dl: &Layout,
-        src: &[S],
-        sl: &Layout,
-    ) -> candle_core::Result<()> {
-        let (start, end) = match dl.contiguous_offsets() {
-            Some(o) => o,
-            None => bail!("kv cache must be contiguous"),
-        };
-        let dst = &mut dst[start..end];
-        let src = contiguous(src, sl, "new keys/values")?;
-        if src.len() != self.slots.len() * self.width {
-            bail!(
-                "kv write: {} values for {} slots of width {}",
-                src.len(),
-                self.slots.len(),
-                self.width
-            );
-        }
-        for (row, &slot) in self.slots.iter().enumerate() {
-            let at = slot as usize * self.width;
-            if at + self.width > dst.len() {
-                bail!("kv write: slot {slot} outside the cache");
-            }
-            let from = &src[row * self.width..(row + 1) * self.width];
-            let to = &mut dst[at..at + self.width];
-            if std::any::TypeId::of::<D>() == std::any::TypeId::of::<S>() {
-                // SAFETY: D and S are the same type (checked just above).
-                let from = unsafe { &*(from as *const [S] as *const [D]) };
-                to.copy_from_slice(from);
-            } else {
-                for (t, f) in to.iter_mut().zip(from) {
-                    *t = D::from_f32(f.to_f32());
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl InplaceOp2 for WriteSlots<'_> {
-    fn name(&self) -> &'static str {
-        "llama-write-kv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        macro_rules! by_source {
-            ($dst:expr) => {
-                match s2 {
-                    CpuStorage::F32(s) => self.copy($dst, l1, s, l2),
-                    CpuStorage::F16(s) => self.copy($dst, l1, s, l2),
-                    CpuStorage::BF16(s) => self.copy($dst, l1, s, l2),
-                    _ => bail!("kv write: values must be f32, f16 or bf16"),
-                }
-            };
-        }
-        match s1 {
-            CpuStorage::F32(d) => by_source!(d),
-            CpuStorage::F16(d) => by_source!(d),
-            CpuStorage::BF16(d) => by_source!(d),
-            _ => bail!("kv write: the cache must be f32, f16 or bf16"),
-        }
-    }
-}
-
-pub fn write_kv(
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    meta: &AttentionMeta,
-) -> Result<()> {
-    let op = WriteSlots {
-        slots: &meta.slot_mapping,
-        width: meta.num_kv_heads * meta.head_dim,
-    };
-    k_cache.inplace_op2(&k.contiguous()?, &op)?;
-    v_cache.inplace_op2(&v.contiguous()?, &op)?;
-    Ok(())
 }
 
 /// `a * b + c`, as one fused instruction where the caller was compiled for FMA

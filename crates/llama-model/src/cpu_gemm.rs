@@ -500,36 +500,3 @@ mod tests {
         assert_eq!(packed.matmul(&[], 2), vec![0.0; 6]);
     }
 }
-
-#[cfg(test)]
-mod kernel_speed {
-    /// `cargo test --release -p llama-model --lib kernel_speed -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn micro_kernel_in_cache() {
-        use super::*;
-        let k = 256;
-        let a = vec![1.0f32; MR * k];
-        let w = vec![0.5f32; NR * k];
-        let mut c = vec![0f32; MR * NR];
-        let kernel = micro_kernel();
-        let iters = 200_000;
-        let t = std::time::Instant::now();
-        for i in 0..iters {
-            let tile = Tile {
-                c: c.as_mut_ptr(),
-                ldc: NR,
-                rows: MR,
-                cols: NR,
-                accumulate: i > 0,
-            };
-            unsafe { kernel(&a, &w, k, &tile) };
-        }
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "{:.1} GFLOP/s one core ({})",
-            2.0 * (MR * NR * k * iters) as f64 / s / 1e9,
-            c[0]
-        );
-    }
-}

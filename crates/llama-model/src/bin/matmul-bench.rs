@@ -72,8 +72,12 @@ fn main() -> Result<()> {
         let bytes = n * k * dtype.size_in_bytes();
         let copies = (COLD_BYTES / bytes).clamp(1, 64);
         let w = Tensor::randn(0f32, 0.02, (n, k), &device)?.to_dtype(dtype)?;
-        let linears = (0..copies)
-            .map(|_| Linear::dense(w.copy()?))
+        let ws = (0..copies)
+            .map(|_| w.copy())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let linears = ws
+            .iter()
+            .map(|w| Linear::dense(w.copy()?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         for &m in &args.rows {
             let x = Tensor::randn(0f32, 1.0, (m, k), &device)?.to_dtype(dtype)?;
@@ -85,8 +89,10 @@ fn main() -> Result<()> {
                 Ok(())
             })?;
             let candle = if args.baseline {
+                let mut turn = 0;
                 Some(median_ms(args.iters, || {
-                    x.matmul(&w.t()?)?;
+                    turn += 1;
+                    x.matmul(&ws[turn % copies].t()?)?;
                     device.synchronize()?;
                     Ok(())
                 })?)

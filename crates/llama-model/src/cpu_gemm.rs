@@ -10,9 +10,9 @@
 //! The micro-kernel keeps an `MR × NR` = 6 × 16 block of outputs in twelve AVX
 //! registers: per `k` it loads two weight vectors and broadcasts six
 //! activations, twelve FMAs for eight loads, so it is bound by the FMA units,
-//! not by loads. The same loop serves decode (1–64 rows, memory-bound on the
-//! weight stream, which is read once per step) and prefill (hundreds of rows,
-//! compute-bound; a panel's k-block stays in cache across all row tiles).
+//! not by loads. The same kernel serves decode (up to 24 rows: the weight
+//! streams from DRAM in memory order, once per step) and prefill (hundreds of
+//! rows, compute-bound: a panel's k-block stays in L1 across the row tiles).
 
 use std::sync::Arc;
 

@@ -249,8 +249,7 @@ type Kernel = unsafe fn(&[f32], &[f32], usize, &Tile);
 fn micro_kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::cpu_kernels::has_avx2_fma() {
             return avx2::kernel;
         }
     }

@@ -194,10 +194,15 @@ pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.rank() == 2
 }
 
-fn has_avx2_fma() -> bool {
+/// Whether this CPU runs the AVX2 kernels of the crate (GEMM, attention,
+/// per-token ops): AVX2, FMA and F16C, which every AVX2 CPU has. Checked at
+/// run time, so one binary runs everywhere; the answer is cached by std.
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -313,19 +313,6 @@ mod avx2 {
     }
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 struct PagedAttention<'a> {
     meta: &'a AttentionMeta,
 }
@@ -362,7 +349,7 @@ impl PagedAttention<'_> {
         let mut out = vec![Q::from_f32(0.0); q.len()];
         let out_ptr = OutPtr(out.as_mut_ptr());
         let inputs = Inputs { q, k, v };
-        let simd = has_avx2_fma();
+        let simd = crate::cpu_kernels::has_avx2_fma();
         tasks
             .par_iter()
             .for_each_init(Scratch::default, |scratch, task| {

@@ -156,6 +156,17 @@ struct Scratch {
 struct OutPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
+/// The innermost loops of [`Inputs::attend_with`], which each variant
+/// compiles for its own instruction set.
+struct InnerLoops<Dot, Axpy, ExpSum> {
+    /// `q · key`.
+    dot: Dot,
+    /// `acc += weight · value`.
+    axpy: Axpy,
+    /// Scores to `exp(score - max)` in place; returns their sum.
+    exp_sum: ExpSum,
+}
+
 /// A task's inputs: the step's queries and this layer's caches.
 struct Inputs<'a, Q, KV> {
     q: &'a [Q],
@@ -164,8 +175,8 @@ struct Inputs<'a, Q, KV> {
 }
 
 impl<Q: Elem, KV: Elem> Inputs<'_, Q, KV> {
-    /// The body of every variant of the kernel, with its two inner loops
-    /// passed in: `dot(q, key)` and `axpy(acc, weight, value)`.
+    /// The body of every variant of the kernel, with its inner loops passed
+    /// in.
     ///
     /// # Safety
     /// `out` must be the step's `[tokens, heads, d]` output, whose rows of
@@ -177,9 +188,13 @@ impl<Q: Elem, KV: Elem> Inputs<'_, Q, KV> {
         task: &Task,
         s: &mut Scratch,
         out: &OutPtr<Q>,
-        dot: impl Fn(&[f32], &[KV]) -> f32,
-        axpy: impl Fn(&mut [f32], f32, &[KV]),
+        loops: InnerLoops<
+            impl Fn(&[f32], &[KV]) -> f32,
+            impl Fn(&mut [f32], f32, &[KV]),
+            impl Fn(&mut [f32]) -> f32,
+        >,
     ) {
+        let InnerLoops { dot, axpy, exp_sum } = loops;
         let (h, d, bs) = (m.num_heads, m.head_dim, m.block_size);
         let group = h / m.num_kv_heads;
         let kv_row = m.num_kv_heads * d;
@@ -230,13 +245,7 @@ impl<Q: Elem, KV: Elem> Inputs<'_, Q, KV> {
         }
         for r in 0..rows {
             let row = &mut s.scores[r * ctx_max..r * ctx_max + s.ctx[r / per_token]];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for sc in row.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / exp_sum(row);
             row.iter_mut().for_each(|p| *p *= inv);
         }
         s.acc.clear();
@@ -276,18 +285,34 @@ impl<Q: Elem, KV: Elem> Inputs<'_, Q, KV> {
         s: &mut Scratch,
         out: &OutPtr<Q>,
     ) {
-        self.attend_with(m, task, s, out, dot_lanes::<KV, FMA>, |acc, w, v| {
-            for (a, x) in acc.iter_mut().zip(v) {
-                *a = madd::<FMA>(w, x.to_f32(), *a);
-            }
-        })
+        self.attend_with(
+            m,
+            task,
+            s,
+            out,
+            InnerLoops {
+                dot: dot_lanes::<KV, FMA>,
+                axpy: |acc: &mut [f32], w, v: &[KV]| {
+                    for (a, x) in acc.iter_mut().zip(v) {
+                        *a = madd::<FMA>(w, x.to_f32(), *a);
+                    }
+                },
+                exp_sum: |row: &mut [f32]| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    row.iter_mut().fold(0.0, |sum, x| {
+                        *x = (*x - max).exp();
+                        sum + *x
+                    })
+                },
+            },
+        )
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::simd::{self, KvSimd};
-    use super::{AttentionMeta, Elem, Inputs, OutPtr, Scratch, Task};
+    use super::{AttentionMeta, Elem, InnerLoops, Inputs, OutPtr, Scratch, Task};
 
     /// The general loops with AVX2 dot products and scaled adds: decode
     /// tasks, and prompt tiles that span several kv heads.
@@ -307,8 +332,11 @@ mod avx2 {
             task,
             s,
             out,
-            |q, k| simd::dot(q, k),
-            |acc, w, v| simd::axpy(acc, w, v),
+            InnerLoops {
+                dot: |q: &[f32], k: &[KV]| simd::dot(q, k),
+                axpy: |acc: &mut [f32], w, v: &[KV]| simd::axpy(acc, w, v),
+                exp_sum: |row: &mut [f32]| super::prefill::exp_in_place(row),
+            },
         )
     }
 }

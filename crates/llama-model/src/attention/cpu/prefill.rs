@@ -89,8 +89,11 @@ pub unsafe fn attend<Q: Elem, KV: KvSimd>(
 }
 
 /// `row[i] = exp(row[i] - max(row))`; returns the sum.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[inline(always)]
-unsafe fn exp_in_place(row: &mut [f32]) -> f32 {
+pub(super) unsafe fn exp_in_place(row: &mut [f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let vmax = _mm256_set1_ps(max);
     let mut vsum = _mm256_setzero_ps();

@@ -13,14 +13,24 @@ use rayon::prelude::*;
 /// pool costs more than a decode step's few rows.
 const PARALLEL_MIN: usize = 1 << 15;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("{what}: fused CPU kernels are f32 only")
-    };
-    match l.contiguous_offsets() {
+/// The elements a contiguous layout covers (the CPU custom ops take no
+/// strided inputs; their callers make them contiguous).
+pub(crate) fn contiguous<'a, T>(
+    data: &'a [T],
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{what} must be contiguous"),
     }
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        bail!("{what}: fused CPU kernels are f32 only")
+    };
+    contiguous(data, l, what)
 }
 
 /// Splits `out` into rows of `width` and runs `f(row_index, row)` on each,
@@ -122,9 +132,9 @@ impl CustomOp3 for AddRmsNorm {
             bail!("add_rms_norm: x, delta [rows, hidden] and weight [hidden] disagree")
         }
         let out = self.run(
-            contiguous(s1, l1, "x")?,
-            contiguous(s2, l2, "delta")?,
-            contiguous(s3, l3, "norm weight")?,
+            contiguous_f32(s1, l1, "x")?,
+            contiguous_f32(s2, l2, "delta")?,
+            contiguous_f32(s3, l3, "norm weight")?,
         );
         Ok((CpuStorage::F32(out), Shape::from((2, rows, hidden))))
     }
@@ -165,7 +175,7 @@ impl CustomOp1 for Swiglu {
         if width % 2 != 0 {
             bail!("swiglu: gate/up width {width} is odd")
         }
-        let x = contiguous(s, l, "gate_up")?;
+        let x = contiguous_f32(s, l, "gate_up")?;
         let inter = width / 2;
         let mut out = vec![0f32; rows * inter];
         let simd = has_avx2_fma();

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::AttentionMeta;
 
+use crate::cpu_kernels::contiguous;
 use crate::error::Result;
 
 #[cfg(target_arch = "x86_64")]
@@ -57,13 +58,6 @@ impl Elem for bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
-    }
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{what} must be contiguous"),
     }
 }
 

@@ -7,6 +7,7 @@
 
 #include "attention.cuh"
 #include "pointwise.cuh"
+#include "sampling.cuh"
 
 #define ATTENTION(T, SUFFIX, G, DPL)                                                             \
     extern "C" __global__ void __launch_bounds__(MAX_ATTN_WARPS * 32)                            \
@@ -51,3 +52,9 @@
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+extern "C" __global__ void __launch_bounds__(PICK_THREADS)
+    pick_rows_f32(const float* logits, const float* params, float* scratch, uint32_t* out,
+                  int vocab) {
+    pick_rows(logits, params, scratch, out, vocab);
+}

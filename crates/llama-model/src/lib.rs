@@ -22,6 +22,7 @@ pub mod loader;
 pub mod model;
 pub mod profile;
 pub mod rope;
+pub mod sampling;
 pub mod shapes;
 pub mod weights;
 

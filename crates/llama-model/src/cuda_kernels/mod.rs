@@ -89,6 +89,8 @@ macro_rules! cuda_op1 {
 // After the macros: textual scoping makes them visible to these modules.
 mod attention;
 mod pointwise;
+mod sampling;
 
 pub use attention::{paged_attention, StepMeta, StepSeq};
 pub use pointwise::{add_rms_norm, rope_write_kv, swiglu};
+pub use sampling::pick_rows;

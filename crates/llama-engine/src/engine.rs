@@ -8,6 +8,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
+use llama_model::sampling::RowPick;
 use llama_model::{BlockAllocator, KvCacheSpec, LlamaModel};
 
 use crate::detokenizer::IncrementalDetokenizer;
@@ -32,6 +33,10 @@ pub struct EngineConfig {
     pub kv_cache: KvCacheSpec,
     pub max_n: usize,
     pub max_logprobs: usize,
+    /// Whether sampled rows are picked next to the logits (see
+    /// [`llama_model::sampling`]); `None`: where the model runs on a GPU.
+    /// Greedy rows always are.
+    pub draws_on_device: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +48,7 @@ impl Default for EngineConfig {
             kv_cache: KvCacheSpec::default(),
             max_n: 16,
             max_logprobs: 20,
+            draws_on_device: None,
         }
     }
 }
@@ -75,7 +81,7 @@ pub fn start_engine(
         bytes_per_token = kv.bytes_per_token(),
         "KV cache allocated"
     );
-    let runner = CandleRunner::new(model, kv);
+    let runner = CandleRunner::new(model, kv, config.draws_on_device);
     start_with_runner(
         Box::new(runner),
         alloc,
@@ -208,7 +214,7 @@ impl Engine {
             let t0 = Instant::now();
             let mut plan = self.scheduler.schedule();
             self.after_schedule(&plan);
-            plan.greedy_only = self.plan_is_greedy(&plan);
+            plan.picks = self.row_picks(&plan);
             if plan.is_empty() {
                 // Nothing fits right now (e.g. blocks held by forks); yield instead of spinning hot.
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -393,22 +399,25 @@ impl Engine {
     }
 
     fn process_output(&mut self, plan: &StepPlan, output: &StepOutput) {
-        let mut row_index = 0;
+        let (mut sampled, mut host_rows) = (0, 0);
         for chunk in &plan.chunks {
             self.scheduler.mark_computed(chunk.seq, chunk.tokens.len());
             if !chunk.sample {
                 continue;
             }
-            let row = row_index;
-            row_index += 1;
+            let picked = output.picked(sampled);
+            sampled += 1;
+            let host_row = picked.is_none().then(|| {
+                host_rows += 1;
+                host_rows - 1
+            });
             if !self.seqs.contains_key(&chunk.seq) {
                 continue;
             }
             let mut targets = vec![chunk.seq];
             targets.extend(self.fork_choices(chunk.seq));
             for seq in targets {
-                let picked = output.greedy_ids.get(row).copied();
-                if picked.is_none() {
+                if let Some(row) = host_row {
                     self.row.clear();
                     self.row.extend_from_slice(output.row(row));
                 }
@@ -442,16 +451,23 @@ impl Engine {
         children
     }
 
-    /// Whether every sequence sampled this step (and every choice a fork
-    /// would create from it) takes the bare argmax.
-    fn plan_is_greedy(&self, plan: &StepPlan) -> bool {
-        plan.chunks.iter().filter(|c| c.sample).all(|c| {
-            self.seqs.get(&c.seq).is_some_and(|st| {
-                self.requests
-                    .get(&st.request)
-                    .is_some_and(|r| st.sampler.is_plain_greedy(r.request.logprobs))
+    /// Per sampled chunk: the pick the runner can make itself, or `None` to
+    /// sample here from the row. A row that will fork into n choices is
+    /// picked by the runner only when greedy (every choice takes the same
+    /// id); sampled choices each draw from the row here.
+    fn row_picks(&mut self, plan: &StepPlan) -> Vec<Option<RowPick>> {
+        let draws_on_device = self.runner.draws_on_device();
+        plan.chunks
+            .iter()
+            .filter(|c| c.sample)
+            .map(|c| {
+                let st = self.seqs.get_mut(&c.seq)?;
+                let r = self.requests.get(&st.request)?;
+                let logprobs = r.request.logprobs;
+                let forks = r.parent == c.seq && r.pending_forks > 0;
+                st.sampler.device_pick(logprobs, draws_on_device && !forks)
             })
-        })
+            .collect()
     }
 
     /// Picks the next token of `seq_id` (or takes the one the runner already

@@ -1,21 +1,29 @@
 //! `ModelRunner`: what the engine loop needs from a model, so that the loop
 //! and the scheduler can be tested with a scripted stand-in.
 
+use llama_model::sampling::{pick_rows, RowPick};
 use llama_model::{BatchInput, KvCache, LlamaModel, SeqChunk, Tensor};
 
 use crate::scheduler::StepPlan;
 
-/// Logits of a step's sampling chunks, row-major `[rows, vocab]`, in plan
-/// order; or, for a `greedy_only` plan, just each row's argmax.
+/// What a step gives per sampling chunk, in plan order: the id the runner
+/// picked (`ids[i]`, for rows with a [`StepPlan::picks`] entry), or else the
+/// row's logits, row-major `[rows, vocab]` over those rows only, in order.
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     pub vocab: usize,
     pub logits: Vec<f32>,
-    /// One id per sampled row when the runner picked greedily on the device.
-    pub greedy_ids: Vec<u32>,
+    /// Empty, or one entry per sampling chunk.
+    pub ids: Vec<Option<u32>>,
 }
 
 impl StepOutput {
+    /// The id picked for sampling chunk `i`, if the runner picked it.
+    pub fn picked(&self, i: usize) -> Option<u32> {
+        self.ids.get(i).copied().flatten()
+    }
+
+    /// Logits row `i` of those returned (the `i`-th chunk without a pick).
     pub fn row(&self, i: usize) -> &[f32] {
         &self.logits[i * self.vocab..(i + 1) * self.vocab]
     }
@@ -27,6 +35,11 @@ impl StepOutput {
 
 pub trait ModelRunner: Send {
     fn vocab_size(&self) -> usize;
+    /// Whether sampled (not only greedy) rows should be picked by the runner:
+    /// where the logits are on a GPU, picking there saves reading them back.
+    fn draws_on_device(&self) -> bool {
+        false
+    }
     /// Runs one batched forward for `plan`; returns one logits row per chunk with `sample` set.
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
 }
@@ -35,11 +48,19 @@ pub trait ModelRunner: Send {
 pub struct CandleRunner {
     model: LlamaModel,
     kv: KvCache,
+    draws_on_device: bool,
 }
 
 impl CandleRunner {
-    pub fn new(model: LlamaModel, kv: KvCache) -> Self {
-        Self { model, kv }
+    /// `draws_on_device`: `None` picks sampled rows next to the logits where
+    /// they are on a GPU (on the CPU the engine's sampler is the faster).
+    pub fn new(model: LlamaModel, kv: KvCache, draws_on_device: Option<bool>) -> Self {
+        let draws_on_device = draws_on_device.unwrap_or_else(|| !model.device().is_cpu());
+        Self {
+            model,
+            kv,
+            draws_on_device,
+        }
     }
 
     pub fn kv(&self) -> &KvCache {
@@ -78,37 +99,47 @@ impl CandleRunner {
                 ..StepOutput::default()
             });
         }
-        let n = rows.len();
-        let picked = if n == logits.last_row.len()
-            && rows.iter().enumerate().all(|(i, &r)| r as usize == i)
-        {
-            logits.values
-        } else {
-            logits
-                .values
-                .index_select(&Tensor::from_vec(rows, n, self.model.device())?, 0)?
-        };
-        if plan.greedy_only {
-            // On a GPU this reads back 4 bytes per row instead of the whole vocabulary.
-            let ids: Vec<u32> = picked.argmax(candle_core::D::Minus1)?.to_vec1()?;
-            return Ok(StepOutput {
-                vocab,
-                greedy_ids: ids,
-                ..StepOutput::default()
-            });
+        // Rows the runner picks, and rows whose logits go back to the engine.
+        let pick = |i: usize| plan.picks.get(i).copied().flatten();
+        let (on_device, to_host): (Vec<usize>, Vec<usize>) =
+            (0..rows.len()).partition(|&i| pick(i).is_some());
+        let mut ids = vec![None; rows.len()];
+        if !on_device.is_empty() {
+            let picks: Vec<RowPick> = on_device.iter().filter_map(|&i| pick(i)).collect();
+            let values = select_rows(&logits.values, &rows, &on_device)?;
+            for (&i, id) in on_device.iter().zip(pick_rows(&values, &picks)?) {
+                ids[i] = Some(id);
+            }
         }
-        let flat: Vec<f32> = picked.flatten_all()?.to_vec1()?;
-        Ok(StepOutput {
-            vocab,
-            logits: flat,
-            ..StepOutput::default()
-        })
+        let logits = if to_host.is_empty() {
+            Vec::new()
+        } else {
+            select_rows(&logits.values, &rows, &to_host)?
+                .flatten_all()?
+                .to_vec1()?
+        };
+        Ok(StepOutput { vocab, logits, ids })
     }
+}
+
+/// Rows `rows[which[..]]` of `values`, without a copy when that is all of them.
+fn select_rows(values: &Tensor, rows: &[u32], which: &[usize]) -> llama_model::Result<Tensor> {
+    let wanted: Vec<u32> = which.iter().map(|&i| rows[i]).collect();
+    if wanted.len() == values.dims()[0] && wanted.iter().enumerate().all(|(i, &r)| r as usize == i)
+    {
+        return Ok(values.clone());
+    }
+    let n = wanted.len();
+    Ok(values.index_select(&Tensor::from_vec(wanted, n, values.device())?, 0)?)
 }
 
 impl ModelRunner for CandleRunner {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
+    }
+
+    fn draws_on_device(&self) -> bool {
+        self.draws_on_device
     }
 
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {

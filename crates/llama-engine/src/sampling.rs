@@ -13,6 +13,8 @@ use std::cell::RefCell;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use llama_model::sampling::RowPick;
+
 use crate::request::SamplingParams;
 
 /// The most alternatives a caller may ask for, as in the OpenAI API.
@@ -69,15 +71,45 @@ impl Sampler {
     /// temperature, bias or penalty, and no logprobs asked. Such steps can
     /// pick on the device and read back one id per row instead of the logits.
     pub fn is_plain_greedy(&self, logprobs: Option<usize>) -> bool {
-        let p = &self.params;
         // Same test as `sample`: anything but a positive temperature is greedy.
-        let draws = p.temperature > 0.0;
-        !draws
-            && p.logit_bias.is_empty()
+        let draws = self.params.temperature > 0.0;
+        !draws && self.plain(logprobs)
+    }
+
+    /// No logit processing (bias, penalties) and no logprobs: only the
+    /// temperature and the filters act on the row.
+    fn plain(&self, logprobs: Option<usize>) -> bool {
+        let p = &self.params;
+        p.logit_bias.is_empty()
             && (p.repetition_penalty == 1.0 || p.repetition_penalty <= 0.0)
             && p.frequency_penalty == 0.0
             && p.presence_penalty == 0.0
             && logprobs.is_none()
+    }
+
+    /// The pick the runner can make next to the logits, or `None` where the
+    /// whole row is needed here (logit bias, penalties, logprobs; or draws,
+    /// unless `draws_on_device`). Draws the step's `u` for a sampled pick, as
+    /// [`Sampler::sample`] would have.
+    pub fn device_pick(
+        &mut self,
+        logprobs: Option<usize>,
+        draws_on_device: bool,
+    ) -> Option<RowPick> {
+        if self.is_plain_greedy(logprobs) {
+            return Some(RowPick::GREEDY);
+        }
+        if !(draws_on_device && self.plain(logprobs)) {
+            return None;
+        }
+        let p = &self.params;
+        Some(RowPick {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            u: self.rng.random(),
+        })
     }
 
     /// Picks the next token. `logits` is used as scratch: it holds the
@@ -463,6 +495,93 @@ mod tests {
         let mut v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 200.0).collect();
         v[best] = 6.0;
         v
+    }
+
+    /// The runner's picks next to the logits (`llama_model::sampling`) and
+    /// this sampler filter alike: over many draws, the two give the same
+    /// distribution (they differ only in which draw maps to which token).
+    #[test]
+    fn device_picks_follow_the_same_distribution_as_host_draws() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let row: Vec<f32> = (0..300)
+            .map(|_| (0..4).map(|_| rng.random::<f32>()).sum::<f32>() * 4.0)
+            .collect();
+        // Each filter binds: top-p 0.5 keeps about 15 of the 300 tokens,
+        // min-p 0.2 about 10, top-k 5 five.
+        let cases: [(f32, usize, f32, f32); 5] = [
+            (0.7, 5, 1.0, 0.0),
+            (1.0, 0, 0.5, 0.0),
+            (1.2, 0, 1.0, 0.2),
+            (0.9, 50, 0.8, 0.05),
+            (1.0, 0, 1.0, 0.0),
+        ];
+        const DRAWS: usize = 40_000;
+        for (temperature, top_k, top_p, min_p) in cases {
+            let p = sp(temperature, 3, |p| {
+                p.top_k = top_k;
+                p.top_p = top_p;
+                p.min_p = min_p;
+            });
+            let mut host = vec![0f64; row.len()];
+            let mut sampler = Sampler::new(&p, 0);
+            for _ in 0..DRAWS {
+                host[sampler.sample(&mut row.clone(), &[], &[], None).id as usize] += 1.0;
+            }
+            let mut device = vec![0f64; row.len()];
+            for i in 0..DRAWS {
+                let pick = sampler
+                    .device_pick(None, true)
+                    .expect("a plain sampled row");
+                assert_eq!(
+                    (pick.top_k as usize, pick.top_p, pick.min_p),
+                    (top_k, top_p, min_p)
+                );
+                // Evenly spread draws: the exact distribution, without noise.
+                let pick = RowPick {
+                    u: (i as f32 + 0.5) / DRAWS as f32,
+                    ..pick
+                };
+                device[llama_model::sampling::pick_row(&row, &pick) as usize] += 1.0;
+            }
+            let distance: f64 = host
+                .iter()
+                .zip(&device)
+                .map(|(h, d)| (h - d).abs() / DRAWS as f64)
+                .sum::<f64>()
+                / 2.0;
+            // 40,000 host draws over at most 300 tokens: sampling noise is
+            // about 0.02 in total variation; a wrong filter is far more.
+            assert!(
+                distance < 0.04,
+                "{temperature} {top_k} {top_p} {min_p}: {distance}"
+            );
+            // Where a filter binds it keeps a few dozen tokens at most, each
+            // drawn hundreds of times by both sides: the same set.
+            let kept = |c: &[f64]| -> Vec<usize> { (0..c.len()).filter(|&i| c[i] > 0.0).collect() };
+            if top_k > 0 || top_p < 1.0 || min_p > 0.0 {
+                assert_eq!(
+                    kept(&host),
+                    kept(&device),
+                    "{temperature} {top_k} {top_p} {min_p}"
+                );
+                assert!(top_k == 0 || kept(&device).len() <= top_k);
+            }
+        }
+        // Greedy and processed rows are not drawn next to the logits.
+        assert_eq!(
+            Sampler::new(&sp(0.0, 1, |_| {}), 0).device_pick(None, false),
+            Some(RowPick::GREEDY)
+        );
+        let mut biased = Sampler::new(&sp(1.0, 1, |p| p.logit_bias = vec![(3, 1.0)]), 0);
+        assert_eq!(biased.device_pick(None, true), None);
+        assert_eq!(
+            Sampler::new(&sp(1.0, 1, |_| {}), 0).device_pick(Some(1), true),
+            None
+        );
+        assert_eq!(
+            Sampler::new(&sp(1.0, 1, |_| {}), 0).device_pick(None, false),
+            None
+        );
     }
 
     fn run(p: &SamplingParams, l: &[f32], history: [&[u32]; 2], lp: Option<usize>) -> Sampled {

@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use llama_model::sampling::RowPick;
 use llama_model::{BlockAllocator, BlockTable};
 
 pub type SeqId = u64;
@@ -65,9 +66,11 @@ pub struct StepPlan {
     pub preempted: Vec<SeqId>,
     /// KV blocks to copy `(src, dst)` before this step's forward (forked choices).
     pub copies: Vec<(u32, u32)>,
-    /// Every sampled row only needs its argmax (set by the engine, not the
-    /// scheduler): the runner may return ids instead of logits.
-    pub greedy_only: bool,
+    /// Per sampled chunk, in order: how the runner picks the next token
+    /// itself, next to the logits, or `None` for a row the engine samples
+    /// from the whole logits row (set by the engine, not the scheduler; empty
+    /// means all `None`).
+    pub picks: Vec<Option<RowPick>>,
 }
 
 impl StepPlan {

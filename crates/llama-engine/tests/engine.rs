@@ -40,12 +40,19 @@ fn engine(config: EngineConfig) -> (EngineHandle, Tokenizer) {
 }
 
 fn default_engine() -> (EngineHandle, Tokenizer) {
+    engine_drawing_on_device(false)
+}
+
+/// `draws_on_device`: sampled rows picked by the runner next to the logits
+/// (as on a GPU) instead of by the engine's sampler.
+fn engine_drawing_on_device(draws_on_device: bool) -> (EngineHandle, Tokenizer) {
     engine(EngineConfig {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget: KvBudget::Tokens(16 * 400),
             dtype: None,
         },
+        draws_on_device: Some(draws_on_device),
         ..Default::default()
     })
 }
@@ -191,47 +198,60 @@ fn sampled(prompt: Vec<u32>, seed: u64, n: usize) -> GenerateRequest {
 
 #[test]
 fn seeded_sampling_is_reproducible_solo_and_batched() {
-    let (handle, tokenizer) = default_engine();
+    seeded_sampling_is_reproducible(false);
+}
+
+#[test]
+fn seeded_sampling_drawn_next_to_the_logits_is_reproducible_solo_and_batched() {
+    seeded_sampling_is_reproducible(true);
+}
+
+fn seeded_sampling_is_reproducible(draws_on_device: bool) {
+    let (handle, tokenizer) = engine_drawing_on_device(draws_on_device);
     let prompt = tokenizer.encode("The weather today", true).unwrap();
     let solo = collect(handle.submit(sampled(prompt.clone(), 42, 1)).unwrap(), 1);
-    // The same request among 10 others with different seeds and prompts.
-    let mut others = Vec::new();
-    for i in 0..5 {
-        others.push(
-            handle
-                .submit(sampled(
-                    tokenizer.encode(&format!("Noise {i}"), true).unwrap(),
-                    i,
-                    1,
-                ))
-                .unwrap(),
-        );
-    }
+    // The same request among 10 others with different seeds and prompts;
+    // some ask for logprobs or a penalty, which the engine's sampler serves
+    // from the whole row, so the steps mix both kinds of pick.
+    let other = |text: String, i: u64| {
+        let mut r = sampled(tokenizer.encode(&text, true).unwrap(), i, 1);
+        match i % 3 {
+            0 => r.logprobs = Some(2),
+            1 => r.sampling.presence_penalty = 0.5,
+            _ => {}
+        }
+        handle.submit(r).unwrap()
+    };
+    let mut others: Vec<_> = (0..5).map(|i| other(format!("Noise {i}"), i)).collect();
     let again = handle.submit(sampled(prompt.clone(), 42, 1)).unwrap();
-    for i in 5..10 {
-        others.push(
-            handle
-                .submit(sampled(
-                    tokenizer.encode(&format!("More {i}"), true).unwrap(),
-                    i,
-                    1,
-                ))
-                .unwrap(),
-        );
-    }
+    others.extend((5..10).map(|i| other(format!("More {i}"), i)));
     let again = collect(again, 1);
     for g in others {
         collect(g, 1);
     }
     assert_eq!(solo, again);
-    let other_seed = collect(handle.submit(sampled(prompt, 43, 1)).unwrap(), 1);
+    let other_seed = collect(handle.submit(sampled(prompt.clone(), 43, 1)).unwrap(), 1);
     assert_ne!(solo[0].ids, other_seed[0].ids);
+    // top_k = 1 keeps only the best token: sampling gives the greedy answer.
+    let mut top1 = sampled(prompt.clone(), 5, 1);
+    top1.sampling.top_k = 1;
+    let want = collect(handle.submit(greedy(prompt, 24)).unwrap(), 1);
+    assert_eq!(collect(handle.submit(top1).unwrap(), 1)[0].ids, want[0].ids);
     wait_idle(&handle);
 }
 
 #[test]
 fn n_choices_share_a_prefill_and_differ() {
-    let (handle, tokenizer) = default_engine();
+    n_choices_differ(false);
+}
+
+#[test]
+fn n_choices_drawn_next_to_the_logits_differ() {
+    n_choices_differ(true);
+}
+
+fn n_choices_differ(draws_on_device: bool) {
+    let (handle, tokenizer) = engine_drawing_on_device(draws_on_device);
     let prompt = tokenizer.encode("Tell me a story about", true).unwrap();
     let choices = collect(handle.submit(sampled(prompt.clone(), 7, 3)).unwrap(), 3);
     assert_eq!(choices.len(), 3);

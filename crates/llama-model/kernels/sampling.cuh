@@ -98,7 +98,7 @@ __device__ void pick_rows(const float* logits, const float* params, float* scrat
     block_argmax(l, vocab, red, red_i, &bcast_max, &bcast_idx);
     const float max = bcast_max;
     const int best = bcast_idx;
-    if (temp <= 0.0f || max == -INFINITY || isnan(max)) {
+    if (!(temp > 0.0f) || max == -INFINITY || isnan(max)) {
         if (threadIdx.x == 0) out[row] = best;
         return;
     }

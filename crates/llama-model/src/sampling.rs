@@ -19,7 +19,7 @@ use crate::error::Result;
 /// How one row is picked.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowPick {
-    /// 0 (or less) takes the argmax.
+    /// 0 (or less, or NaN) takes the argmax.
     pub temperature: f32,
     /// Keep the `top_k` heaviest (and their ties); 0 = off.
     pub top_k: u32,
@@ -59,14 +59,21 @@ pub fn pick_rows(logits: &Tensor, picks: &[RowPick]) -> Result<Vec<u32>> {
         let logits = logits.to_dtype(DType::F32)?;
         return Ok(crate::cuda_kernels::pick_rows(&logits, picks)?);
     }
-    if picks.iter().all(|p| p.temperature <= 0.0) {
+    if picks
+        .iter()
+        .all(|p| p.temperature.is_nan() || p.temperature <= 0.0)
+    {
         return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1()?);
     }
     let host = logits
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .to_vec2::<f32>()?;
-    Ok(host.iter().zip(picks).map(|(l, p)| pick_row(l, p)).collect())
+    Ok(host
+        .iter()
+        .zip(picks)
+        .map(|(l, p)| pick_row(l, p))
+        .collect())
 }
 
 /// Index of the largest logit; ties go to the lowest id, NaN is never
@@ -85,7 +92,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn pick_row(logits: &[f32], p: &RowPick) -> u32 {
     let best = argmax(logits);
     let max = logits[best as usize];
-    if p.temperature <= 0.0 || max == f32::NEG_INFINITY || max.is_nan() {
+    // Anything but a positive temperature (NaN included) is greedy.
+    let draws = p.temperature > 0.0;
+    if !draws || max == f32::NEG_INFINITY || max.is_nan() {
         return best;
     }
     let w: Vec<f32> = logits
@@ -158,7 +167,10 @@ mod tests {
     fn greedy_and_degenerate_rows() {
         let l = [1.0, 3.0, f32::NAN, 3.0, -1.0];
         assert_eq!(pick(&l, 0.0, 0, 1.0, 0.0, 0.9), 1);
-        assert_eq!(pick(&[f32::NEG_INFINITY, f32::NAN], 1.0, 0, 1.0, 0.0, 0.5), 0);
+        assert_eq!(
+            pick(&[f32::NEG_INFINITY, f32::NAN], 1.0, 0, 1.0, 0.0, 0.5),
+            0
+        );
         // NaN is never drawn, whatever u.
         for u in [0.0, 0.3, 0.6, 0.999_999] {
             assert_ne!(pick(&l, 1.0, 0, 1.0, 0.0, u), 2);
@@ -213,7 +225,11 @@ mod tests {
         ];
         let got = pick_rows(&l, &picks).unwrap();
         let rows = l.to_vec2::<f32>().unwrap();
-        let want: Vec<u32> = rows.iter().zip(&picks).map(|(r, p)| pick_row(r, p)).collect();
+        let want: Vec<u32> = rows
+            .iter()
+            .zip(&picks)
+            .map(|(r, p)| pick_row(r, p))
+            .collect();
         assert_eq!(got, want);
         assert_eq!(got[0], argmax(&rows[0]));
     }

@@ -16,7 +16,7 @@
 # against plain Candle (f32/f16/bf16, GQA 1/4/8, odd lengths, block
 # boundaries), llama-bench on a random 7B in bf16 with the fused kernels and
 # without (before/after in one run), and the engine at 64 and 200 concurrent
-# requests with the KV pool sized as 90% of the GPU.
+# requests with the KV pool sized as 90% of the GPU, and at 64 with sampling.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-carry
@@ -91,6 +91,16 @@ timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --d
   --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
   > "$OUT/engine.json" 2> "$OUT/engine.log" || { status=1; tail -n 5 "$OUT/engine.log"; }
 
+# Sampled requests (temperature 0.8, top-p 0.95, seeded): on a GPU each row is
+# picked by the pick_rows kernel next to the logits; close to the greedy
+# figure above means the picks cost little.
+SAMPLED_LEVEL=${ENGINE_LEVELS%%,*}
+step "engine-bench with sampling at $SAMPLED_LEVEL concurrent"
+timeout 90 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+  --tokenizer models/tiny-llama --concurrency "$SAMPLED_LEVEL" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" \
+  --temperature 0.8 --top-p 0.95 --json \
+  > "$OUT/engine-sampled.json" 2> "$OUT/engine-sampled.log" || { status=1; tail -n 5 "$OUT/engine-sampled.log"; }
+
 python3 - "$OUT" <<'PY' || status=1
 import json, os, sys
 out = sys.argv[1]
@@ -101,6 +111,7 @@ def load(name):
         print(f"({name}: {e})")
         return None
 fused, generic, engine = load("bench-fused.json"), load("bench-generic.json"), load("engine.json")
+sampled = load("engine-sampled.json")
 att = load("attention.json")
 if att:
     print("\n| attention case | µs per call | GB/s of K/V read |")
@@ -135,7 +146,7 @@ if fused and fused["results"][0].get("prefill_profile_ms"):
 if engine:
     print("\n| engine concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in engine["results"]:
+    for r in engine["results"] + [dict(r, concurrency=f"{r['concurrency']} sampled") for r in (sampled or {}).get("results", [])]:
         print(f"| {r['concurrency']} | {r['output_tok_s']:.1f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['ms_per_step']:.2f} | {r['engine_overhead_pct']:.2f} | {r['preemptions']} | {r['kv_blocks_used_after']} / {r['kv_blocks_total']} |")
     if fused:
         shortest = min(r["prompt_len"] for r in fused["results"])

@@ -55,7 +55,7 @@ impl CandleRunner {
     /// `draws_on_device`: `None` picks sampled rows next to the logits where
     /// they are on a GPU (on the CPU the engine's sampler is the faster).
     pub fn new(model: LlamaModel, kv: KvCache, draws_on_device: Option<bool>) -> Self {
-        let draws_on_device = draws_on_device.unwrap_or_else(|| !model.device().is_cpu());
+        let draws_on_device = draws_on_device.unwrap_or_else(|| model.device().is_cuda());
         Self {
             model,
             kv,

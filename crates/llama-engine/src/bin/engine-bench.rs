@@ -44,6 +44,15 @@ struct Args {
     /// KV cache element type: auto (the model's), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Sampling temperature of every request (0 = greedy), seeded per request.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Where sampled rows are picked: auto (next to the logits on a GPU),
+    /// device (next to the logits) or host (the engine's sampler).
+    #[arg(long, default_value = "auto")]
+    draws: String,
 
     #[arg(long)]
     json: bool,
@@ -86,6 +95,12 @@ fn main() -> Result<()> {
             budget,
             dtype: kv_dtype(&args.kv_cache_dtype)?,
         },
+        draws_on_device: match args.draws.as_str() {
+            "auto" => None,
+            "device" => Some(true),
+            "host" => Some(false),
+            other => bail!("--draws: auto, device or host, not {other:?}"),
+        },
         ..Default::default()
     };
     let handle = start_engine(model, tokenizer, config)?;
@@ -126,6 +141,9 @@ fn main() -> Result<()> {
                     .collect();
                 let mut req = GenerateRequest::new(prompt, args.gen);
                 req.stop.ignore_eos = true;
+                req.sampling.temperature = args.temperature;
+                req.sampling.top_p = args.top_p;
+                req.sampling.seed = Some(i as u64);
                 let handle = handle.clone();
                 let slots = slots.clone();
                 tasks.push(tokio::spawn(async move {

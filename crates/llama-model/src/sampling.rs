@@ -54,16 +54,17 @@ pub fn pick_rows(logits: &Tensor, picks: &[RowPick]) -> Result<Vec<u32>> {
     if rows == 0 {
         return Ok(Vec::new());
     }
-    #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() {
-        let logits = logits.to_dtype(DType::F32)?;
-        return Ok(crate::cuda_kernels::pick_rows(&logits, picks)?);
-    }
+    // Greedy steps (the common case) take Candle's argmax on every device.
     if picks
         .iter()
         .all(|p| p.temperature.is_nan() || p.temperature <= 0.0)
     {
         return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1()?);
+    }
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let logits = logits.to_dtype(DType::F32)?;
+        return Ok(crate::cuda_kernels::pick_rows(&logits, picks)?);
     }
     let host = logits
         .to_dtype(DType::F32)?

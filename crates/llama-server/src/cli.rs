@@ -68,6 +68,12 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: Option<String>,
 
+    /// Where tokens drawn with a temperature are picked: auto (next to the
+    /// logits on a GPU, by the host sampler on the CPU), device or host
+    /// [default: auto]. Greedy tokens are always picked next to the logits.
+    #[arg(long, env = "LLAMA_SERVE_SAMPLING")]
+    pub sampling: Option<String>,
+
     /// Most sequences running in one step.
     #[arg(long, env = "LLAMA_SERVE_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -130,6 +136,7 @@ pub struct FileConfig {
     pub dtype: Option<String>,
     pub kv_cache_memory: Option<String>,
     pub kv_cache_dtype: Option<String>,
+    pub sampling: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,

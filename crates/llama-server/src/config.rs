@@ -36,6 +36,7 @@ pub struct ModelSettings {
 pub struct EngineSettings {
     pub kv_cache_memory: Option<String>,
     pub kv_cache_dtype: Option<String>,
+    pub sampling: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,
@@ -155,6 +156,7 @@ impl ServerConfig {
             engine: EngineSettings {
                 kv_cache_memory: cli.kv_cache_memory.or(file.kv_cache_memory),
                 kv_cache_dtype: cli.kv_cache_dtype.or(file.kv_cache_dtype),
+                sampling: cli.sampling.or(file.sampling),
                 max_num_seqs: cli.max_num_seqs.or(file.max_num_seqs),
                 max_num_batched_tokens: cli.max_num_batched_tokens.or(file.max_num_batched_tokens),
                 max_queue: cli.max_queue.or(file.max_queue),

@@ -50,6 +50,14 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
             ),
         };
     }
+    if let Some(name) = &settings.sampling {
+        engine.draws_on_device = match name.trim() {
+            "auto" => None,
+            "device" => Some(true),
+            "host" => Some(false),
+            other => anyhow::bail!("--sampling: auto, device or host, not {other:?}"),
+        };
+    }
     if let Some(v) = settings.max_num_seqs {
         engine.max_num_seqs = v;
     }
@@ -170,5 +178,21 @@ mod tests {
         // Unset: the cache takes the model's dtype.
         let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
         assert_eq!(default.kv_cache.dtype, None);
+    }
+
+    #[test]
+    fn sampling_place_is_parsed_and_checked() {
+        let with = |name: &str| {
+            let mut config = ServerConfig::default();
+            config.engine.sampling = Some(name.into());
+            engine_config(&config, DeviceSpec::Cpu)
+        };
+        assert_eq!(with("auto").unwrap().draws_on_device, None);
+        assert_eq!(with("device").unwrap().draws_on_device, Some(true));
+        assert_eq!(with("host").unwrap().draws_on_device, Some(false));
+        let err = with("gpu").unwrap_err().to_string();
+        assert!(err.contains("--sampling"), "{err}");
+        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        assert_eq!(default.draws_on_device, None);
     }
 }

@@ -241,6 +241,10 @@ impl Engine {
                 s.decode_steps_total.fetch_add(1, Ordering::Relaxed);
                 s.decode_forward_ns
                     .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+                s.decode_tokens_total
+                    .fetch_add(plan.chunks.len() as u64, Ordering::Relaxed);
+                s.decode_step_ns
+                    .fetch_add((t3 - t0).as_nanos() as u64, Ordering::Relaxed);
             }
             self.publish_gauges();
         }

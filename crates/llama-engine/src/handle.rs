@@ -47,6 +47,10 @@ pub struct EngineStats {
     /// forward time: the rest of the forward time went to prompts.
     pub decode_steps_total: AtomicU64,
     pub decode_forward_ns: AtomicU64,
+    /// Tokens those steps decoded, and their whole wall time (schedule,
+    /// forward and output processing): the engine's sustained decode rate.
+    pub decode_tokens_total: AtomicU64,
+    pub decode_step_ns: AtomicU64,
 }
 
 /// A copy of [`EngineStats`] at one moment.
@@ -69,6 +73,8 @@ pub struct StatsSnapshot {
     pub postprocess_ns: u64,
     pub decode_steps_total: u64,
     pub decode_forward_ns: u64,
+    pub decode_tokens_total: u64,
+    pub decode_step_ns: u64,
 }
 
 impl EngineStats {
@@ -92,6 +98,8 @@ impl EngineStats {
             postprocess_ns: self.postprocess_ns.load(r),
             decode_steps_total: self.decode_steps_total.load(r),
             decode_forward_ns: self.decode_forward_ns.load(r),
+            decode_tokens_total: self.decode_tokens_total.load(r),
+            decode_step_ns: self.decode_step_ns.load(r),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 #include "attention.cuh"
 #include "pointwise.cuh"
+#include "prefill_mma.cuh"
 #include "sampling.cuh"
 
 #define ATTENTION(T, SUFFIX, G, DPL)                                                             \
@@ -52,6 +53,20 @@
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+#define PREFILL_MMA(T, SUFFIX, D)                                                                \
+    extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) prefill_attention_mma_d##D##_##SUFFIX( \
+        const T* q, const T* k_cache, const T* v_cache, const uint32_t* tok_pos,                 \
+        const uint32_t* tok_seq, const uint32_t* block_tables, const uint32_t* tiles, T* out,    \
+        int h, int kvh, int block_size, int max_blocks, float scale) {                           \
+        prefill_attention_mma<T, D>(q, k_cache, v_cache, tok_pos, tok_seq, block_tables, tiles,  \
+                                    out, h, kvh, block_size, max_blocks, scale);                 \
+    }
+// Tensor cores take 16-bit inputs only; f32 models keep the tiled kernel.
+PREFILL_MMA(__half, f16, 64)
+PREFILL_MMA(__half, f16, 128)
+PREFILL_MMA(__nv_bfloat16, bf16, 64)
+PREFILL_MMA(__nv_bfloat16, bf16, 128)
 
 extern "C" __global__ void __launch_bounds__(PICK_THREADS)
     pick_rows_f32(const float* logits, const float* params, float* scratch, uint32_t* out,

@@ -66,11 +66,12 @@ fn tolerance(dtype: DType) -> f32 {
 }
 
 const BLOCK_SIZE: usize = 16;
-const NUM_BLOCKS: usize = 64;
+const NUM_BLOCKS: usize = 128;
 
 /// Sequences as (start_pos, new tokens): decodes, prompt chunks, block
-/// boundaries (15 → 16, 31 → 32) and odd lengths, with block tables that are
-/// not contiguous runs of the pool.
+/// boundaries (15 → 16, 31 → 32), tile and key-chunk boundaries of the
+/// prefill kernels, and odd lengths, with block tables that are not
+/// contiguous runs of the pool.
 fn step(chunks: &[(usize, usize)]) -> Vec<SeqAttention> {
     let mut pool = BlockAllocator::new(NUM_BLOCKS, BLOCK_SIZE).unwrap();
     let mut seqs = Vec::new();
@@ -101,6 +102,12 @@ const CHUNKS: &[(usize, usize)] = &[
     (100, 1),
     (0, 37),
     (250, 1),
+    // Prompts over several 64-token tiles and key chunks: from position 0,
+    // from inside a chunk (a later chunk of a chunked prefill), and from a
+    // chunk boundary with a one-token last tile.
+    (0, 150),
+    (70, 90),
+    (128, 65),
 ];
 
 fn shape_cases() -> Vec<(usize, usize, usize)> {
@@ -136,12 +143,17 @@ fn paged_attention_matches_the_plain_path() {
                 attention::write_kv(&k_cache, &v_cache, &k, &v, &meta).unwrap();
                 attention::paged_attention(&q, &k_cache, &v_cache, &meta).unwrap()
             };
-            let rel = rel_err(&run(AttentionImpl::Auto), &run(AttentionImpl::Generic));
-            println!("attention {dtype:?} h={h} kv={kvh} d={d}: rel {rel:.2e}");
-            assert!(
-                rel < tolerance(dtype),
-                "{dtype:?} h={h} kv={kvh} d={d}: {rel}"
-            );
+            let reference = run(AttentionImpl::Generic);
+            // Auto runs prompts on tensor cores where the kernel is built for
+            // the dtype and head size (CUDA, f16/bf16, d 64 or 128).
+            for imp in [AttentionImpl::Auto, AttentionImpl::CudaCorePrefill] {
+                let rel = rel_err(&run(imp), &reference);
+                println!("attention {imp:?} {dtype:?} h={h} kv={kvh} d={d}: rel {rel:.2e}");
+                assert!(
+                    rel < tolerance(dtype),
+                    "{imp:?} {dtype:?} h={h} kv={kvh} d={d}: {rel}"
+                );
+            }
         }
     }
 }

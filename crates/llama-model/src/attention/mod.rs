@@ -23,6 +23,25 @@ pub enum AttentionImpl {
     /// kernels for norms, RoPE or SwiGLU either. The reference, and the
     /// "before" of every fused-kernel benchmark.
     Generic,
+    /// The fused kernels, with prompt attention on CUDA cores (the tiled
+    /// kernel) instead of tensor cores: the "before" of the tensor-core
+    /// prefill kernel. The same as `Auto` on the CPU.
+    CudaCorePrefill,
+}
+
+impl std::str::FromStr for AttentionImpl {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "generic" => Ok(Self::Generic),
+            "cuda-cores" => Ok(Self::CudaCorePrefill),
+            other => Err(format!(
+                "kernels: auto, generic or cuda-cores, not {other:?}"
+            )),
+        }
+    }
 }
 
 /// One sequence's share of a step, as attention sees it.
@@ -96,7 +115,7 @@ impl AttentionMeta {
     }
 
     fn use_fused(&self, device: &Device) -> bool {
-        self.imp == AttentionImpl::Auto && device.is_cpu()
+        self.imp != AttentionImpl::Generic && device.is_cpu()
     }
 
     /// Whether this step runs the fused CPU kernels (attention and cache
@@ -108,7 +127,7 @@ impl AttentionMeta {
     /// Whether this step runs the fused CUDA kernels (attention, RoPE + cache
     /// write, add + RMSNorm, SwiGLU).
     pub fn use_cuda_kernels(&self, device: &Device) -> bool {
-        cfg!(feature = "cuda") && self.imp == AttentionImpl::Auto && device.is_cuda()
+        cfg!(feature = "cuda") && self.imp != AttentionImpl::Generic && device.is_cuda()
     }
 
     #[cfg(feature = "cuda")]
@@ -188,6 +207,7 @@ pub fn paged_attention(
             step,
             meta.block_size,
             meta.scale,
+            meta.imp == AttentionImpl::Auto,
         )?);
     }
     if meta.use_fused(q.device()) {

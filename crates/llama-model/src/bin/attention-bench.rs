@@ -32,7 +32,7 @@ struct Args {
     cases: Vec<String>,
     #[arg(long, default_value_t = 20)]
     iters: usize,
-    #[arg(long, default_value = "auto", value_parser = ["auto", "generic"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "generic", "cuda-cores"])]
     kernels: String,
     #[arg(long)]
     json: bool,
@@ -42,11 +42,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = args.device.parse::<DeviceSpec>()?.open()?;
     let dtype = args.dtype.parse::<DTypeSpec>()?.dtype();
-    let imp = if args.kernels == "generic" {
-        AttentionImpl::Generic
-    } else {
-        AttentionImpl::Auto
-    };
+    let imp = args
+        .kernels
+        .parse::<AttentionImpl>()
+        .map_err(anyhow::Error::msg)?;
     let (h, kvh, d) = (args.heads, args.kv_heads, args.head_dim);
     let block_size = 16;
     let mut rows = Vec::new();

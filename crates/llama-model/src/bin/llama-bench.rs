@@ -42,9 +42,10 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
-    /// Fused kernels (`auto`) or plain Candle ops only (`generic`), to measure
+    /// Fused kernels (`auto`), plain Candle ops only (`generic`), or the fused
+    /// kernels with prompt attention on CUDA cores (`cuda-cores`), to measure
     /// the kernels' gain in one run.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "generic"])]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "generic", "cuda-cores"])]
     kernels: String,
     /// After timing, run one prefill and one decode step per row with a device
     /// sync after every stage, and report where the time went.
@@ -96,11 +97,10 @@ fn main() -> Result<()> {
     let dtype = args.dtype.parse::<DTypeSpec>()?;
     let options = ModelOptions {
         dtype: dtype.dtype(),
-        attention: if args.kernels == "generic" {
-            AttentionImpl::Generic
-        } else {
-            AttentionImpl::Auto
-        },
+        attention: args
+            .kernels
+            .parse::<AttentionImpl>()
+            .map_err(anyhow::Error::msg)?,
     };
     let (model, shape_name) = match (&args.random_weights, &args.model) {
         (Some(shape), None) => {

@@ -32,6 +32,26 @@ pub struct StepMeta {
     pub tiles: Option<Tensor>,
     pub num_tiles: usize,
     pub tile_tokens: usize,
+    /// The same prompt tokens in tiles of [`MMA_TILE_TOKENS`], for the
+    /// tensor-core prefill kernel.
+    pub mma_tiles: Option<Tensor>,
+    pub num_mma_tiles: usize,
+}
+
+/// Query tokens per block of the tensor-core prefill kernel; must match
+/// MMA_TILE_TOKENS in prefill_mma.cuh.
+const MMA_TILE_TOKENS: usize = 64;
+/// Threads per block of that kernel (MMA_WARPS warps).
+const MMA_THREADS: u32 = 128;
+
+/// `[first, count]` pairs covering `q_start..q_start + q_len` in tiles of `tile`.
+fn push_tiles(tiles: &mut Vec<u32>, q_start: usize, q_len: usize, tile: usize) {
+    let mut first = q_start;
+    while first < q_start + q_len {
+        let count = tile.min(q_start + q_len - first);
+        tiles.extend([first as u32, count as u32]);
+        first += count;
+    }
 }
 
 /// One sequence of the step, as the kernels' metadata needs it.
@@ -71,6 +91,7 @@ impl StepMeta {
         let mut decode = Vec::new();
         let mut prefill = Vec::new();
         let mut tiles = Vec::new();
+        let mut mma_tiles = Vec::new();
         for s in seqs {
             let range = s.q_start as u32..(s.q_start + s.q_len) as u32;
             if s.q_len == 1 {
@@ -78,15 +99,16 @@ impl StepMeta {
                 continue;
             }
             prefill.extend(range);
-            let mut first = s.q_start;
-            while first < s.q_start + s.q_len {
-                let count = tile_tokens.min(s.q_start + s.q_len - first);
-                tiles.extend([first as u32, count as u32]);
-                first += count;
-            }
+            push_tiles(&mut tiles, s.q_start, s.q_len, tile_tokens);
+            push_tiles(&mut mma_tiles, s.q_start, s.q_len, MMA_TILE_TOKENS);
         }
         let mut packed = Vec::with_capacity(
-            3 * n + seqs.len() * max_blocks + decode.len() + prefill.len() + tiles.len(),
+            3 * n
+                + seqs.len() * max_blocks
+                + decode.len()
+                + prefill.len()
+                + tiles.len()
+                + mma_tiles.len(),
         );
         packed.extend_from_slice(positions);
         packed.extend_from_slice(slots);
@@ -97,10 +119,12 @@ impl StepMeta {
         }
         let (d0, p0) = (packed.len(), packed.len() + decode.len());
         let t0 = p0 + prefill.len();
-        let (nd, np, nt) = (decode.len(), prefill.len(), tiles.len());
+        let m0 = t0 + tiles.len();
+        let (nd, np, nt, nm) = (decode.len(), prefill.len(), tiles.len(), mma_tiles.len());
         packed.extend(decode);
         packed.extend(prefill);
         packed.extend(tiles);
+        packed.extend(mma_tiles);
         let len = packed.len();
         let all = Tensor::from_vec(packed, len, device)?;
         let part = |start: usize, len: usize| -> Result<Option<Tensor>> {
@@ -117,6 +141,8 @@ impl StepMeta {
             tiles: part(t0, nt)?,
             num_tiles: nt / 2,
             tile_tokens,
+            mma_tiles: part(m0, nm)?,
+            num_mma_tiles: nm / 2,
         })
     }
 }
@@ -129,6 +155,7 @@ struct PagedAttention<'a> {
     kv_heads: usize,
     block_size: usize,
     scale: f32,
+    tensor_cores: bool,
 }
 
 impl PagedAttention<'_> {
@@ -170,7 +197,14 @@ impl PagedAttention<'_> {
             4 / elem
         };
         let prefill_smem = 4 * (warps * d + warps * 32 + 32) + 2 * 32 * (d + pad) * elem;
-        let tiled = prefill_tile_tokens(group).is_some() && prefill_smem <= SMEM_LIMIT;
+        // Prompt tokens go to the tensor-core kernel where it is built for this
+        // dtype and head size (its fragment loads need an even start), else to
+        // the tiled kernel where it fits, else to the per-token kernel.
+        let mma = self.tensor_cores
+            && matches!(q.dtype(), DType::F16 | DType::BF16)
+            && matches!(d, 64 | 128)
+            && l.start_offset() % 2 == 0;
+        let tiled = !mma && prefill_tile_tokens(group).is_some() && prefill_smem <= SMEM_LIMIT;
         // Decode: as many warps as shared memory allows, to split long contexts
         // further. The kernel's static arrays are sized for MAX_ATTN_WARPS.
         let bound = group.next_power_of_two();
@@ -183,12 +217,12 @@ impl PagedAttention<'_> {
 
         // Decode tokens, plus the prompt tokens when the tiled kernel cannot take them.
         let mut per_token: Vec<&Tensor> = self.meta.decode_tokens.iter().collect();
-        if !tiled {
+        if !tiled && !mma {
             per_token.extend(self.meta.prefill_tokens.iter());
         }
-        // Both kernels take the same arguments; only the token list (or tile
-        // list) and the launch shape differ.
-        let launch = |name: String, list: &Tensor, cfg: LaunchConfig| -> Result<()> {
+        // The kernels take the same arguments (the tensor-core one has the head
+        // size built in); only the token or tile list and the launch shape differ.
+        let launch = |name: String, list: &Tensor, cfg: LaunchConfig, ints: &[i32]| -> Result<()> {
             let held = Held::new(list, "token list");
             let list_v = held.view::<u32>()?;
             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -199,7 +233,7 @@ impl PagedAttention<'_> {
                 .arg(&tables_v)
                 .arg(&list_v)
                 .arg(&out);
-            for i in &ints {
+            for i in ints {
                 b.arg(i);
             }
             b.arg(&self.scale);
@@ -220,6 +254,7 @@ impl PagedAttention<'_> {
                 format!("paged_attention_g{bound}_d{dims_per_lane}_{dtype}"),
                 list,
                 cfg,
+                &ints,
             )?;
         }
         if let (true, Some(tiles)) = (tiled, &self.meta.tiles) {
@@ -228,7 +263,21 @@ impl PagedAttention<'_> {
                 block_dim: ((warps * 32) as u32, 1, 1),
                 shared_mem_bytes: prefill_smem as u32,
             };
-            launch(format!("prefill_attention_{dtype}"), tiles, cfg)?;
+            launch(format!("prefill_attention_{dtype}"), tiles, cfg, &ints)?;
+        }
+        if let (true, Some(tiles)) = (mma, &self.meta.mma_tiles) {
+            let cfg = LaunchConfig {
+                grid_dim: (self.meta.num_mma_tiles as u32, h as u32, 1),
+                block_dim: (MMA_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let without_d = [ints[0], ints[1], ints[3], ints[4]];
+            launch(
+                format!("prefill_attention_mma_d{d}_{dtype}"),
+                tiles,
+                cfg,
+                &without_d,
+            )?;
         }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -245,6 +294,7 @@ pub fn paged_attention(
     meta: &StepMeta,
     block_size: usize,
     scale: f32,
+    tensor_cores: bool,
 ) -> Result<Tensor> {
     let kv_heads = k_cache.dims()[2];
     q.contiguous()?.apply_op1_no_bwd(&PagedAttention {
@@ -254,5 +304,6 @@ pub fn paged_attention(
         kv_heads,
         block_size,
         scale,
+        tensor_cores,
     })
 }

@@ -195,4 +195,6 @@ if engine:
                 print(f"\nengine at {top} concurrent = {100 * r['output_tok_s'] / b[top]['decode_tok_s']:.0f}% of the bench's batch-{top} decode (whole run, prefill included); "
                       f"its decode-only steps = {100 * r.get('decode_tok_s', 0) / b[top]['decode_tok_s']:.0f}%")
 PY
+# The device tool brings back only a few files: every log and JSON in one archive.
+tar -C "$OUT" -czf /tmp/gpu-run-logs.tgz . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu-run-logs.tgz "$OUT/logs.tgz"
 exit $status

@@ -110,6 +110,10 @@ const CHUNKS: &[(usize, usize)] = &[
     (128, 65),
 ];
 
+/// A decode-only step with short contexts: the decode kernel then runs with
+/// fewer warps than its maximum.
+const SHORT_DECODES: &[(usize, usize)] = &[(3, 1), (15, 1), (40, 1), (0, 1), (63, 1)];
+
 fn shape_cases() -> Vec<(usize, usize, usize)> {
     // (heads, kv_heads, head_dim): GQA ratios 1, 4, 8 and the head sizes of Llama 2 and the fixture.
     let mut v = Vec::new();
@@ -128,9 +132,12 @@ fn shape_cases() -> Vec<(usize, usize, usize)> {
 #[test]
 fn paged_attention_matches_the_plain_path() {
     let dev = device();
-    let seqs = step(CHUNKS);
-    let n: usize = seqs.iter().map(|s| s.q_len).sum();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    for (dtype, chunks) in [DType::F32, DType::BF16, DType::F16]
+        .into_iter()
+        .flat_map(|dt| [(dt, CHUNKS), (dt, SHORT_DECODES)])
+    {
+        let seqs = step(chunks);
+        let n: usize = seqs.iter().map(|s| s.q_len).sum();
         for (h, kvh, d) in shape_cases() {
             let run = |imp| {
                 let meta = AttentionMeta::new(seqs.clone(), BLOCK_SIZE, h, kvh, d, imp);
@@ -148,10 +155,14 @@ fn paged_attention_matches_the_plain_path() {
             // the dtype and head size (CUDA, f16/bf16, d 64 or 128).
             for imp in [AttentionImpl::Auto, AttentionImpl::CudaCorePrefill] {
                 let rel = rel_err(&run(imp), &reference);
-                println!("attention {imp:?} {dtype:?} h={h} kv={kvh} d={d}: rel {rel:.2e}");
+                println!(
+                    "attention {imp:?} {dtype:?} h={h} kv={kvh} d={d} ({} seqs): rel {rel:.2e}",
+                    seqs.len()
+                );
                 assert!(
                     rel < tolerance(dtype),
-                    "{imp:?} {dtype:?} h={h} kv={kvh} d={d}: {rel}"
+                    "{imp:?} {dtype:?} h={h} kv={kvh} d={d} ({} seqs): {rel}",
+                    seqs.len()
                 );
             }
         }
@@ -372,13 +383,36 @@ fn row_picks_match_their_definition() {
                 if pick.temperature == 0.0 {
                     assert_eq!(got[r], want, "greedy row {r}, vocab {vocab}, {dtype:?}");
                 } else if got[r] != want {
-                    // A draw within rounding of a boundary of the running sum
-                    // (the device sums in another order) may land one token over.
+                    // The device sums the weights in another order (a tree,
+                    // where the host runs one long f32 sum), so a draw within
+                    // rounding of a boundary of the running sum may land on a
+                    // neighbour. The pick is monotonic in u, so a right pick
+                    // lies between the host's picks for u -/+ a small band.
+                    let band = |du: f32| {
+                        pick_row(
+                            row,
+                            &RowPick {
+                                u: (pick.u + du).clamp(0.0, 0.999_999),
+                                ..*pick
+                            },
+                        )
+                    };
+                    let (lo, hi) = (band(-1e-3), band(1e-3));
+                    println!(
+                        "row {r} {pick:?}, vocab {vocab}, {dtype:?}: device {} host {want} (host over u -/+ 1e-3: {lo}..={hi})",
+                        got[r]
+                    );
+                    assert!(
+                        (lo..=hi).contains(&got[r]),
+                        "row {r} {pick:?}, vocab {vocab}, {dtype:?}: device picked {}, the host {want} (and {lo}..={hi} over u -/+ 1e-3)",
+                        got[r]
+                    );
                     differ += 1;
                 }
             }
+            // Rounding moves few draws: many would mean a biased sum.
             assert!(
-                differ <= 2,
+                differ <= 8,
                 "{differ} of 96 picks differ, vocab {vocab}, {dtype:?}"
             );
         }

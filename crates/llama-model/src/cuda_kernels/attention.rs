@@ -36,6 +36,9 @@ pub struct StepMeta {
     /// tensor-core prefill kernel.
     pub mma_tiles: Option<Tensor>,
     pub num_mma_tiles: usize,
+    /// The longest context of a decode token, and of a prompt token.
+    pub max_decode_ctx: usize,
+    pub max_prompt_ctx: usize,
 }
 
 /// Query tokens per block of the tensor-core prefill kernel; must match
@@ -92,12 +95,16 @@ impl StepMeta {
         let mut prefill = Vec::new();
         let mut tiles = Vec::new();
         let mut mma_tiles = Vec::new();
+        let (mut max_decode_ctx, mut max_prompt_ctx) = (0, 0);
         for s in seqs {
+            let ctx = positions[s.q_start + s.q_len - 1] as usize + 1;
             let range = s.q_start as u32..(s.q_start + s.q_len) as u32;
             if s.q_len == 1 {
                 decode.extend(range);
+                max_decode_ctx = max_decode_ctx.max(ctx);
                 continue;
             }
+            max_prompt_ctx = max_prompt_ctx.max(ctx);
             prefill.extend(range);
             push_tiles(&mut tiles, s.q_start, s.q_len, tile_tokens);
             push_tiles(&mut mma_tiles, s.q_start, s.q_len, MMA_TILE_TOKENS);
@@ -143,6 +150,8 @@ impl StepMeta {
             tile_tokens,
             mma_tiles: part(m0, nm)?,
             num_mma_tiles: nm / 2,
+            max_decode_ctx,
+            max_prompt_ctx,
         })
     }
 }
@@ -205,20 +214,34 @@ impl PagedAttention<'_> {
             && matches!(d, 64 | 128)
             && l.start_offset() % 2 == 0;
         let tiled = !mma && prefill_tile_tokens(group).is_some() && prefill_smem <= SMEM_LIMIT;
-        // Decode: as many warps as shared memory allows, to split long contexts
-        // further. The kernel's static arrays are sized for MAX_ATTN_WARPS.
+        // Decode: one warp per 32 keys of the longest context, up to as many
+        // as shared memory allows: a warp past every context would sit idle
+        // and hold a block slot that another token could use (short contexts
+        // are latency-bound). The kernel's static arrays are sized for
+        // MAX_ATTN_WARPS.
         let bound = group.next_power_of_two();
         let static_smem = 4 * MAX_ATTN_WARPS * 32 * (1 + bound);
         let decode_smem = |w: usize| 4 * (group * d + w * group * (d + 2));
-        let decode_warps = [MAX_ATTN_WARPS, 4, 2, 1]
+        let smem_warps = [MAX_ATTN_WARPS, 4, 2, 1]
             .into_iter()
             .find(|&w| static_smem + decode_smem(w) <= SMEM_LIMIT)
             .unwrap_or(1);
+        let warps_for = |ctx: usize| ctx.div_ceil(32).clamp(1, smem_warps);
 
-        // Decode tokens, plus the prompt tokens when the tiled kernel cannot take them.
-        let mut per_token: Vec<&Tensor> = self.meta.decode_tokens.iter().collect();
+        // Decode tokens, plus the prompt tokens when no prefill kernel takes them.
+        let mut per_token: Vec<(&Tensor, usize)> = self
+            .meta
+            .decode_tokens
+            .iter()
+            .map(|t| (t, warps_for(self.meta.max_decode_ctx)))
+            .collect();
         if !tiled && !mma {
-            per_token.extend(self.meta.prefill_tokens.iter());
+            per_token.extend(
+                self.meta
+                    .prefill_tokens
+                    .iter()
+                    .map(|t| (t, warps_for(self.meta.max_prompt_ctx))),
+            );
         }
         // The kernels take the same arguments (the tensor-core one has the head
         // size built in); only the token or tile list and the launch shape differ.
@@ -244,11 +267,11 @@ impl PagedAttention<'_> {
         // The decode kernel built for the smallest group bound and dims-per-lane
         // that fit (see attention.cuh).
         let dims_per_lane = d.div_ceil(32).next_power_of_two().max(2);
-        for list in per_token {
+        for (list, warps) in per_token {
             let cfg = LaunchConfig {
                 grid_dim: (list.dims()[0] as u32, kvh as u32, 1),
-                block_dim: ((decode_warps * 32) as u32, 1, 1),
-                shared_mem_bytes: decode_smem(decode_warps) as u32,
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: decode_smem(warps) as u32,
             };
             launch(
                 format!("paged_attention_g{bound}_d{dims_per_lane}_{dtype}"),

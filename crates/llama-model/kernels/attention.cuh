@@ -41,9 +41,6 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     const int lane = threadIdx.x % 32;
     const int ctx = (int)tok_pos[t] + 1;
     const uint32_t* table = block_tables + (size_t)tok_seq[t] * max_blocks;
-    // Each lane owns dims lane * DPL .. + DPL when they tile the head
-    // exactly (vector loads of V), else dims lane, lane + 32, ...
-    const bool packed = d == 32 * DPL;
 
     // Scaled queries of the group, in f32.
     float* qs = smem;  // [group, d]
@@ -140,22 +137,17 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         for (int g = 0; g < G; ++g) chunk_p[g * 32 + lane] = score[g];
         __syncwarp();
         // acc[dim] += sum_j p_j v_j[dim]; lanes split the dims so each V row
-        // read is coalesced (with d == 32 * DPL, one vector load per lane and
-        // row). Eight rows are loaded before any is used.
+        // read is coalesced. Eight rows are loaded before any is used.
         for (int j0 = 0; j0 < n_keys; j0 += 8) {
-            VecOf<T, DPL> raw[8];
+            T raw[8][DPL];
 #pragma unroll
             for (int jj = 0; jj < 8; ++jj) {
                 const int j = min(j0 + jj, n_keys - 1);
                 const T* vrow = v_head + (size_t)chunk_slot[j] * row_stride;
-                if (packed) {
-                    raw[jj].load(vrow + lane * DPL);
-                } else {
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) {
-                        const int dim = lane + 32 * i;
-                        raw[jj].v[i] = dim < d ? vrow[dim] : from_f32<T>(0.f);
-                    }
+                for (int i = 0; i < DPL; ++i) {
+                    const int dim = lane + 32 * i;
+                    raw[jj][i] = dim < d ? vrow[dim] : from_f32<T>(0.f);
                 }
             }
 #pragma unroll
@@ -166,7 +158,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
                     if (g >= group) break;
                     const float p = chunk_p[g * 32 + j0 + jj];
 #pragma unroll
-                    for (int i = 0; i < DPL; ++i) acc[g][i] += p * to_f32(raw[jj].v[i]);
+                    for (int i = 0; i < DPL; ++i) acc[g][i] += p * to_f32(raw[jj][i]);
                 }
             }
         }
@@ -187,7 +179,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
         }
 #pragma unroll
         for (int i = 0; i < DPL; ++i) {
-            const int dim = packed ? lane * DPL + i : lane + 32 * i;
+            const int dim = lane + 32 * i;
             if (dim < d) ws[2 + dim] = acc[g][i];
         }
     }

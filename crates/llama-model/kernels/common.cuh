@@ -62,25 +62,3 @@ template <> struct Vec16<__nv_bfloat16> {
         }
     }
 };
-
-// N elements of T loaded together: one vector load of N * sizeof(T) bytes
-// (4, 8 or 16, or two of 16), from an address aligned to that size.
-template <typename T, int N>
-struct alignas(N * sizeof(T) >= 16 ? 16 : N * sizeof(T)) VecOf {
-    T v[N];
-    __device__ __forceinline__ void load(const T* p) {
-        constexpr int BYTES = N * (int)sizeof(T);
-        if constexpr (BYTES % 16 == 0) {
-#pragma unroll
-            for (int i = 0; i < BYTES / 16; ++i)
-                reinterpret_cast<uint4*>(v)[i] = reinterpret_cast<const uint4*>(p)[i];
-        } else if constexpr (BYTES == 8) {
-            *reinterpret_cast<uint2*>(v) = *reinterpret_cast<const uint2*>(p);
-        } else if constexpr (BYTES == 4) {
-            *reinterpret_cast<uint32_t*>(v) = *reinterpret_cast<const uint32_t*>(p);
-        } else {
-#pragma unroll
-            for (int i = 0; i < N; ++i) v[i] = p[i];
-        }
-    }
-};

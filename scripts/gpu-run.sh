@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 
 if [ "${1:-}" = "--pack" ]; then
   mkdir -p "$CARRY"
-  for bin in llama-bench engine-bench attention-bench; do
+  for bin in llama-bench engine-bench attention-bench llama-serve; do
     [ -x "target/cuda/release/$bin" ] || continue
     cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -6 -f "$CARRY/$bin"
   done
@@ -42,10 +42,10 @@ if [ "${1:-}" = "--pack" ]; then
   exit 0
 fi
 
-DEVICE=cuda; DTYPE=bf16; SHAPE=7b; BATCHES=1,8,32,64; PROMPTS=128,512; GEN=32
+DEVICE=cuda; DTYPE=bf16; SHAPE=7b; BATCHES=1,8,32,64; PROMPTS=128,512; GEN=32; SERVE_LOAD=64x128
 ENGINE_LEVELS=64,200; ENGINE_KV=90%; BEFORE_PROMPT=512
 if [ "${1:-}" = "--dry-run" ]; then
-  DEVICE=cpu; DTYPE=f32; SHAPE=tiny; BATCHES=1,8; PROMPTS=16; GEN=4
+  DEVICE=cpu; DTYPE=f32; SHAPE=tiny; BATCHES=1,8; PROMPTS=16; GEN=4; SERVE_LOAD=8x16
   ENGINE_LEVELS=4,8; ENGINE_KV=64MiB; BEFORE_PROMPT=16
   BIN=target/debug
   for test in reference kernels; do
@@ -136,6 +136,30 @@ if step "engine-bench with sampling at $SAMPLED_LEVEL concurrent"; then
     --tokenizer models/tiny-llama --concurrency "$SAMPLED_LEVEL" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" \
     --temperature 0.8 --top-p 0.95 --json \
     > "$OUT/engine-sampled.json" 2> "$OUT/engine-sampled.log" || { status=1; tail -n 5 "$OUT/engine-sampled.log"; }
+fi
+
+# The real server, as a client sees it: the tiny fixture in f32 on the GPU
+# must answer exactly as on the CPU (greedy, streamed and not; seeded draws
+# repeat; bad input is a 400 and serving goes on); then concurrent streams
+# over HTTP on a random 7B in bf16.
+serve() { # log name, port, flags...
+  "$BIN/llama-serve" --host 127.0.0.1 --port "$2" "${@:3}" > "$OUT/$1.log" 2>&1 &
+  echo $!
+}
+if [ -x "$BIN/llama-serve" ] && step "llama-serve on $DEVICE against the CPU (tiny model, f32): parity over HTTP"; then
+  a=$(serve server-gpu 18081 --model models/tiny-llama --device "$DEVICE" --dtype f32 --kv-cache-memory 256MiB)
+  b=$(serve server-cpu 18082 --model models/tiny-llama --device cpu --dtype f32)
+  timeout 120 python3 scripts/gpu-serve-check.py parity http://127.0.0.1:18081 http://127.0.0.1:18082 \
+    > "$OUT/serve-parity.log" 2>&1 || status=1
+  cat "$OUT/serve-parity.log"
+  kill "$a" "$b" 2>/dev/null; wait "$a" "$b" 2>/dev/null
+fi
+if [ -x "$BIN/llama-serve" ] && step "llama-serve, random $SHAPE $DTYPE on $DEVICE: $SERVE_LOAD concurrent streams over HTTP"; then
+  c=$(serve server-load 18083 --model "random:$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --max-num-seqs 256)
+  timeout 120 python3 scripts/gpu-serve-check.py load http://127.0.0.1:18083 "${SERVE_LOAD%x*}" "${SERVE_LOAD#*x}" \
+    > "$OUT/serve-load.log" 2>&1 || status=1
+  tail -n 3 "$OUT/serve-load.log"
+  kill "$c" 2>/dev/null; wait "$c" 2>/dev/null
 fi
 
 python3 - "$OUT" <<'PY' || status=1

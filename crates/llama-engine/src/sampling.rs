@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use llama_model::sampling::RowPick;
+use llama_model::sampling::{argmax, max_logit, RowPick};
 
 use crate::request::SamplingParams;
 
@@ -294,30 +294,6 @@ fn pick_dense(w: &[f32], target: f32) -> Option<u32> {
         acc += sum;
     }
     w.iter().rposition(|&w| w > 0.0).map(|i| i as u32)
-}
-
-/// Index of the largest logit; ties go to the lowest id, NaN is never chosen,
-/// and an all -inf/NaN row gives 0.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let max = max_logit(logits);
-    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
-}
-
-/// The largest non-NaN logit, or -inf. Eight independent lanes let the
-/// compiler vectorise what a single running max (a serial dependency) would not.
-fn max_logit(logits: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = logits.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (m, &l) in lanes.iter_mut().zip(chunk) {
-            *m = if l > *m { l } else { *m };
-        }
-    }
-    let max = |m: f32, l: f32| if l > m { l } else { m };
-    lanes
-        .into_iter()
-        .fold(rest.iter().copied().fold(f32::NEG_INFINITY, max), max)
 }
 
 /// A sum in eight lanes, for the same reason as [`max_logit`].

@@ -80,13 +80,25 @@ pub fn pick_rows(logits: &Tensor, picks: &[RowPick]) -> Result<Vec<u32>> {
 /// Index of the largest logit; ties go to the lowest id, NaN is never
 /// chosen, and a row of only -inf and NaN gives 0.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = (0u32, f32::NEG_INFINITY);
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best.1 {
-            best = (i as u32, l);
+    let max = max_logit(logits);
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
+}
+
+/// The largest non-NaN logit, or -inf. Eight independent lanes let the
+/// compiler vectorise what a single running max (a serial dependency) would not.
+pub fn max_logit(logits: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = if l > *m { l } else { *m };
         }
     }
-    best.0
+    let max = |m: f32, l: f32| if l > m { l } else { m };
+    lanes
+        .into_iter()
+        .fold(rest.iter().copied().fold(f32::NEG_INFINITY, max), max)
 }
 
 /// The definition of a pick (see the module documentation).

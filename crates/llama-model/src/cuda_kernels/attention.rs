@@ -212,7 +212,7 @@ impl PagedAttention<'_> {
         let mma = self.tensor_cores
             && matches!(q.dtype(), DType::F16 | DType::BF16)
             && matches!(d, 64 | 128)
-            && l.start_offset() % 2 == 0;
+            && l.start_offset().is_multiple_of(2);
         let tiled = !mma && prefill_tile_tokens(group).is_some() && prefill_smem <= SMEM_LIMIT;
         // Decode: one warp per 32 keys of the longest context, up to as many
         // as shared memory allows: a warp past every context would sit idle

@@ -58,6 +58,13 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_DTYPE")]
     pub dtype: Option<String>,
 
+    /// Model kernels: auto (the fused kernels), generic (plain Candle ops
+    /// only, the reference) or cuda-cores (fused, with prompt attention on
+    /// CUDA cores instead of tensor cores) [default: auto]. An escape hatch
+    /// should a fused kernel misbehave on some GPU.
+    #[arg(long, env = "LLAMA_SERVE_KERNELS")]
+    pub kernels: Option<String>,
+
     /// KV cache budget: 4GiB, 512MiB, 8192tokens, or 90% (of the device memory for the whole process, like vLLM's --gpu-memory-utilization) [default: the engine's].
     #[arg(long, env = "LLAMA_SERVE_KV_CACHE_MEMORY")]
     pub kv_cache_memory: Option<String>,
@@ -134,6 +141,7 @@ pub struct FileConfig {
     pub port: Option<u16>,
     pub device: Option<String>,
     pub dtype: Option<String>,
+    pub kernels: Option<String>,
     pub kv_cache_memory: Option<String>,
     pub kv_cache_dtype: Option<String>,
     pub sampling: Option<String>,

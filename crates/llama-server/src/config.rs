@@ -28,6 +28,8 @@ pub struct ModelSettings {
     pub device: String,
     /// `None` = f32 on CPU, bf16 on a GPU.
     pub dtype: Option<String>,
+    /// `None` = the fused kernels (`auto`).
+    pub kernels: Option<String>,
     pub hub: HubOptions,
 }
 
@@ -65,6 +67,7 @@ impl Default for ServerConfig {
                 served_model_name: None,
                 device: "cpu".into(),
                 dtype: None,
+                kernels: None,
                 hub: HubOptions::default(),
             },
             engine: EngineSettings::default(),
@@ -151,6 +154,7 @@ impl ServerConfig {
                 served_model_name: cli.served_model_name.or(file.served_model_name),
                 device: cli.device.or(file.device).unwrap_or(d.model.device),
                 dtype: cli.dtype.or(file.dtype),
+                kernels: cli.kernels.or(file.kernels),
                 hub,
             },
             engine: EngineSettings {

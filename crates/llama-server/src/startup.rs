@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use llama_engine::{start_engine, EngineConfig};
+use llama_model::attention::AttentionImpl;
 use llama_model::{
     resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
 };
@@ -70,6 +71,17 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
     Ok(engine)
 }
 
+/// The model's kernels: the fused ones unless the user asks otherwise.
+pub fn kernels(config: &ServerConfig) -> anyhow::Result<AttentionImpl> {
+    match &config.model.kernels {
+        None => Ok(AttentionImpl::Auto),
+        Some(name) => name
+            .trim()
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--{e}")),
+    }
+}
+
 /// Loads everything and starts the engine; the returned state serves requests.
 pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
     let resolved = model_source::resolve(
@@ -86,6 +98,7 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         None => DTypeSpec::BF16,
     };
     let engine_config = engine_config(config, device_spec)?;
+    let attention = kernels(config)?;
     let mut options = config.app.clone();
     options.limits.max_n = engine_config.max_n;
     options.limits.max_logprobs = engine_config.max_logprobs;
@@ -95,7 +108,7 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         let device = device_spec.open()?;
         let model_options = ModelOptions {
             dtype: dtype.dtype(),
-            ..Default::default()
+            attention,
         };
         let started = std::time::Instant::now();
         let (model, text_dir, defaults) = match &source {
@@ -194,5 +207,23 @@ mod tests {
         assert!(err.contains("--sampling"), "{err}");
         let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
         assert_eq!(default.draws_on_device, None);
+    }
+
+    #[test]
+    fn kernels_are_parsed_and_checked() {
+        let with = |name: &str| {
+            let mut config = ServerConfig::default();
+            config.model.kernels = Some(name.into());
+            kernels(&config)
+        };
+        assert_eq!(with("auto").unwrap(), AttentionImpl::Auto);
+        assert_eq!(with("generic").unwrap(), AttentionImpl::Generic);
+        assert_eq!(with("cuda-cores").unwrap(), AttentionImpl::CudaCorePrefill);
+        let err = with("flash").unwrap_err().to_string();
+        assert!(err.starts_with("--kernels"), "{err}");
+        assert_eq!(
+            kernels(&ServerConfig::default()).unwrap(),
+            AttentionImpl::Auto
+        );
     }
 }

@@ -12,3 +12,50 @@ async fn starts_answers_and_exits_cleanly_on_sigterm() {
     let status = server.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "exit {status:?}\n{}", server.stderr());
 }
+
+/// `--kernels generic` (plain Candle ops, the escape hatch from the fused
+/// kernels) answers exactly as the default fused kernels; a kernel set that
+/// does not exist stops the server at startup, naming the flag.
+#[tokio::test]
+async fn plain_kernels_answer_as_the_fused_ones() {
+    let body = serde_json::json!({
+        "model": "tiny-llama",
+        "messages": [{"role": "user", "content": "Tell me a story about a llama."}],
+        "max_tokens": 40,
+        "temperature": 0,
+    });
+    let mut answers = Vec::new();
+    for kernels in ["auto", "generic"] {
+        let mut server = Server::builder()
+            .args(["--kernels", kernels])
+            .start()
+            .await
+            .unwrap();
+        let reply = server
+            .post_json("/v1/chat/completions", &body)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        assert_eq!(
+            reply.body["usage"]["completion_tokens"], 40,
+            "{}",
+            reply.text
+        );
+        answers.push(reply.body["choices"][0]["message"]["content"].clone());
+        server.terminate(Duration::from_secs(30)).await.unwrap();
+    }
+    assert_eq!(answers[0], answers[1]);
+
+    let err = Server::builder()
+        .args(["--kernels", "flash"])
+        .start()
+        .await
+        .err()
+        .expect("--kernels flash must stop the server")
+        .to_string();
+    assert!(err.contains("exited before listening"), "{err}");
+    assert!(
+        err.contains("--kernels: auto, generic or cuda-cores"),
+        "{err}"
+    );
+}

@@ -8,7 +8,10 @@
 #   cargo test --release --features cuda -p llama-model --test reference --test kernels --no-run --target-dir target/cuda
 #   bash scripts/gpu-run.sh --pack          # strips + xz-compresses into target/gpu-carry/
 # There (device tool, carrying target/gpu-carry):
-#   bash scripts/gpu-run.sh
+#   bash scripts/gpu-run.sh [--baseline]
+# --baseline also re-measures compiled transformers (static cache) at batch 1
+# and 64 in the same run, last (scripts/gpu-transformers-baseline.py; its
+# compilation takes a few minutes of device time).
 # Dry run on a CPU machine (same steps, CPU device, tiny shapes, the debug build):
 #   cargo build --workspace --bins && cargo test -p llama-model --no-run && bash scripts/gpu-run.sh --dry-run
 #
@@ -162,6 +165,13 @@ if [ -x "$BIN/llama-serve" ] && step "llama-serve, random $SHAPE $DTYPE on $DEVI
   kill "$c" 2>/dev/null; wait "$c" 2>/dev/null
 fi
 
+if [[ " $* " == *" --baseline "* ]] && [ "$DEVICE" = cuda ]; then
+  echo "== [${SECONDS}s] transformers, static cache + torch.compile, random 7B bf16 (the comparison point) =="
+  timeout 330 python3 scripts/gpu-transformers-baseline.py 1,64 --json > "$OUT/transformers.log" 2>&1 || status=1
+  grep -E "^transformers" "$OUT/transformers.log" || tail -n 5 "$OUT/transformers.log"
+  tail -n 1 "$OUT/transformers.log" | grep '^{' > "$OUT/transformers.json"
+fi
+
 python3 - "$OUT" <<'PY' || status=1
 import json, os, sys
 out = sys.argv[1]
@@ -173,6 +183,7 @@ def load(name):
         return None
 fused, before, engine = load("bench-fused.json"), load("bench-cuda-cores.json"), load("engine.json")
 sampled = load("engine-sampled.json")
+hf = load("transformers.json") if os.path.exists(os.path.join(out, "transformers.json")) else None
 att, att_before = load("attention-auto.json"), load("attention-cuda-cores.json")
 if att:
     simt = {r["case"]: r for r in (att_before or {}).get("results", [])}
@@ -205,6 +216,14 @@ if fused and fused["results"][0].get("prefill_profile_ms"):
         vals = [dict(v).get(name, 0.0) for _, v in picks]
         print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in vals) + " |")
     print("| total | " + " | ".join(f"{sum(t for _, t in v):.2f}" for _, v in picks) + " |")
+if hf and fused:
+    ours = {r["batch"]: r for r in fused["results"] if r["prompt_len"] == min(x["prompt_len"] for x in fused["results"])}
+    print("\n| batch | transformers compiled tok/s (generate 128 in / 128 new) | llama-serve decode tok/s (llama-bench) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for r in hf["results"]:
+        o = ours.get(r["batch"])
+        print(f"| {r['batch']} | {r['decode_tok_s']:.1f} | {o['decode_tok_s']:.1f} | {o['decode_tok_s'] / r['decode_tok_s']:.2f}x |" if o else f"| {r['batch']} | {r['decode_tok_s']:.1f} | - | - |")
+    print(f"transformers prefill of one 512-token prompt: {hf['prefill_512_tok_s']:.0f} tok/s")
 if engine:
     print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -7,6 +7,11 @@
 #   cargo build --release --features cuda -p llama-server -p llama-model -p llama-engine --bins --target-dir target/cuda
 #   cargo test --release --features cuda -p llama-model --test reference --test kernels --no-run --target-dir target/cuda
 #   bash scripts/gpu-run.sh --pack          # strips + xz-compresses into target/gpu-carry/
+# A second build to compare in the same run (e.g. a kernel change on a branch):
+# build it as above, then `bash scripts/gpu-run.sh --pack-as NAME` (into
+# target/gpu-carry/alt-NAME/), then build and --pack the reference as usual.
+# The run then also tests and times NAME's attention kernels and decode, and
+# prints them beside the reference's.
 # There (device tool, carrying target/gpu-carry):
 #   bash scripts/gpu-run.sh [--baseline]
 # --baseline also re-measures compiled transformers (static cache) at batch 1
@@ -42,6 +47,19 @@ if [ "${1:-}" = "--pack" ]; then
     fi
   done
   ls -la "$CARRY"
+  exit 0
+fi
+
+if [ "${1:-}" = "--pack-as" ] && [ -n "${2:-}" ]; then
+  dir="$CARRY/alt-$2"
+  mkdir -p "$dir"
+  for bin in llama-bench attention-bench; do
+    cp "target/cuda/release/$bin" "$dir/$bin" && strip "$dir/$bin" && xz -T2 -6 -f "$dir/$bin"
+  done
+  test_bin=$(ls -t target/cuda/release/deps/kernels-* | grep -v "\.d$" | head -n 1)
+  cp "$test_bin" "$dir/kernels" && strip "$dir/kernels" && xz -T2 -6 -f "$dir/kernels"
+  git describe --always --dirty > "$dir/commit"
+  ls -la "$dir"
   exit 0
 fi
 
@@ -149,6 +167,30 @@ serve() { # log name, port, flags...
   "$BIN/llama-serve" --host 127.0.0.1 --port "$2" "${@:3}" > "$OUT/$1.log" 2>&1 &
   echo $!
 }
+# The other builds packed with --pack-as: their attention test, the attention
+# kernels alone and decode at batch 1 and 64, beside the reference's above.
+if [ "$DEVICE" = cuda ]; then
+  for dir in "$CARRY"/alt-*/; do
+    [ -d "$dir" ] || continue
+    name=$(basename "$dir"); alt_bin="/tmp/llama-bin-$name"
+    step "$name ($(cat "$dir/commit" 2>/dev/null)): attention test, attention-bench, llama-bench" || continue
+    mkdir -p "$alt_bin"
+    for f in "$dir"*.xz; do xz -dc "$f" > "$alt_bin/$(basename "$f" .xz)" && chmod +x "$alt_bin/$(basename "$f" .xz)"; done
+    if LLAMA_TEST_DEVICE=cuda LLAMA_REPO_ROOT="$PWD" timeout 100 "$alt_bin/kernels" paged_attention --test-threads 1 --nocapture \
+        > "$OUT/$name-kernels.log" 2>&1; then
+      echo "   $name: paged attention test passed"
+      timeout 40 "$alt_bin/attention-bench" --device cuda --dtype "$DTYPE" --cases "$ATT_CASES" --json \
+        > "$OUT/$name-attention.json" 2> "$OUT/$name-attention.log" || status=1
+      timeout 90 "$alt_bin/llama-bench" --random-weights "$SHAPE" --device cuda --dtype "$DTYPE" \
+        --batch-sizes 1,64 --prompt-len "${PROMPTS%%,*}" --gen "$GEN" --json > "$OUT/$name-bench.json" 2> "$OUT/$name-bench.log" || status=1
+    else
+      status=1
+      echo "!! $name: paged attention test failed, not timed"
+      grep -E "panicked|rel " "$OUT/$name-kernels.log" | tail -n 5
+    fi
+  done
+fi
+
 if [ -x "$BIN/llama-serve" ] && step "llama-serve on $DEVICE against the CPU (tiny model, f32): parity over HTTP"; then
   a=$(serve server-gpu 18081 --model models/tiny-llama --device "$DEVICE" --dtype f32 --kv-cache-memory 256MiB)
   b=$(serve server-cpu 18082 --model models/tiny-llama --device cpu --dtype f32)
@@ -224,6 +266,25 @@ if hf and fused:
         o = ours.get(r["batch"])
         print(f"| {r['batch']} | {r['decode_tok_s']:.1f} | {o['decode_tok_s']:.1f} | {o['decode_tok_s'] / r['decode_tok_s']:.2f}x |" if o else f"| {r['batch']} | {r['decode_tok_s']:.1f} | - | - |")
     print(f"transformers prefill of one 512-token prompt: {hf['prefill_512_tok_s']:.0f} tok/s")
+import glob
+for path in sorted(glob.glob(os.path.join(out, "alt-*-attention.json"))):
+    name = os.path.basename(path)[: -len("-attention.json")]
+    alt_att, alt_bench = load(os.path.basename(path)), load(f"{name}-bench.json")
+    if att and alt_att:
+        ref = {r["case"]: r["us"] for r in att["results"]}
+        print(f"\n| attention case | reference µs | {name} µs | {name} / reference |")
+        print("|---|---:|---:|---:|")
+        for r in alt_att["results"]:
+            if r["case"] in ref:
+                print(f"| {r['case']} | {ref[r['case']]:.1f} | {r['us']:.1f} | {r['us'] / ref[r['case']]:.2f} |")
+    if fused and alt_bench:
+        ref = {(r["batch"], r["prompt_len"]): r["decode_tok_s"] for r in fused["results"]}
+        print(f"\n| decode batch (shortest prompt) | reference tok/s | {name} tok/s | {name} / reference |")
+        print("|---:|---:|---:|---:|")
+        for r in alt_bench["results"]:
+            k = (r["batch"], r["prompt_len"])
+            if k in ref:
+                print(f"| {r['batch']} | {ref[k]:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / ref[k]:.3f} |")
 if engine:
     print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -31,6 +31,8 @@ async fn counters_match_a_known_workload() -> anyhow::Result<()> {
         "llama_serve_inter_token_latency_seconds",
         "llama_serve_e2e_request_latency_seconds",
         "llama_serve_queue_time_seconds",
+        "llama_serve_engine_steps_total",
+        "llama_serve_engine_step_seconds_total",
     ] {
         assert!(
             before.has_family(family),
@@ -85,6 +87,14 @@ async fn counters_match_a_known_workload() -> anyhow::Result<()> {
         "{text}"
     );
     assert_eq!(after.get("llama_serve_preemptions_total"), 0.0, "{text}");
+    // Each request is one prompt step (its first token) and four decode
+    // steps; run one after another, the engine took at least 15 steps, each
+    // with some forward time.
+    let steps =
+        after.get("llama_serve_engine_steps_total") - before.get("llama_serve_engine_steps_total");
+    assert!(steps >= 15.0, "{steps} steps\n{text}");
+    let forward = "llama_serve_engine_step_seconds_total{phase=\"forward\"}";
+    assert!(after.get(forward) > before.get(forward), "{text}");
     assert_eq!(
         after.get("llama_serve_time_to_first_token_seconds_count"),
         3.0,

@@ -26,7 +26,8 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use llama_engine::{EngineError, StatsSnapshot};
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::generate::{ChoiceEvent, ChoiceStream};
@@ -66,6 +67,8 @@ pub struct Metrics {
     generation_tokens: IntCounter,
     engine_requests: IntCounterVec,
     engine_up: IntGauge,
+    engine_steps: IntCounter,
+    engine_step_seconds: CounterVec,
     /// Serialises scrapes: engine totals are copied into counters as deltas.
     sync: Mutex<()>,
 }
@@ -125,6 +128,19 @@ impl Metrics {
         .expect("valid counter");
         r.register(Box::new(engine_requests.clone()))
             .expect("unique metric");
+        // Where the engine loop's time goes: the forward, and the host work
+        // around it (scheduling, then sampling, detokenising and streaming
+        // the step's output). The latter two are the engine's overhead.
+        let engine_step_seconds = CounterVec::new(
+            Opts::new(
+                "llama_serve_engine_step_seconds_total",
+                "Seconds of engine steps, by phase (schedule, forward, postprocess).",
+            ),
+            &["phase"],
+        )
+        .expect("valid counter");
+        r.register(Box::new(engine_step_seconds.clone()))
+            .expect("unique metric");
         let kv_usage = prometheus::Gauge::new(
             "llama_serve_kv_cache_usage_ratio",
             "Fraction of KV cache blocks in use (0 to 1).",
@@ -165,6 +181,8 @@ impl Metrics {
             prompt_tokens: int_counter(&r, "llama_serve_prompt_tokens_total", "Prompt tokens of admitted requests."),
             generation_tokens: int_counter(&r, "llama_serve_generation_tokens_total", "Tokens generated."),
             engine_up: int_gauge(&r, "llama_serve_engine_up", "1 while the engine thread runs its loop, 0 once it stopped."),
+            engine_steps: int_counter(&r, "llama_serve_engine_steps_total", "Batched forward steps the engine ran."),
+            engine_step_seconds,
             engine_requests,
             kv_usage,
             requests,
@@ -198,6 +216,15 @@ impl Metrics {
         total(&self.preemptions, stats.preemptions_total);
         total(&self.prompt_tokens, stats.prompt_tokens_total);
         total(&self.generation_tokens, stats.generation_tokens_total);
+        total(&self.engine_steps, stats.steps_total);
+        for (phase, ns) in [
+            ("schedule", stats.schedule_ns),
+            ("forward", stats.forward_ns),
+            ("postprocess", stats.postprocess_ns),
+        ] {
+            let c = self.engine_step_seconds.with_label_values(&[phase]);
+            c.inc_by((ns as f64 / 1e9 - c.get()).max(0.0));
+        }
         for (outcome, v) in [
             ("finished", stats.requests_finished_total),
             ("cancelled", stats.requests_cancelled_total),
@@ -306,6 +333,8 @@ mod tests {
             prompt_tokens_total: 30,
             generation_tokens_total: 12,
             preemptions_total: 1,
+            steps_total: 7,
+            forward_ns: 1_500_000_000,
             ..Default::default()
         };
         global().count_request("/v1/completions", StatusCode::OK);
@@ -319,6 +348,9 @@ mod tests {
             "llama_serve_preemptions_total 1",
             "llama_serve_prompt_tokens_total 30",
             "llama_serve_generation_tokens_total 12",
+            "llama_serve_engine_steps_total 7",
+            "llama_serve_engine_step_seconds_total{phase=\"forward\"} 1.5",
+            "llama_serve_engine_step_seconds_total{phase=\"schedule\"} 0",
             "# TYPE llama_serve_time_to_first_token_seconds histogram",
             "# TYPE llama_serve_inter_token_latency_seconds histogram",
             "# TYPE llama_serve_e2e_request_latency_seconds histogram",
@@ -329,5 +361,6 @@ mod tests {
         // Totals are copied, not added, on every scrape.
         let again = global().render(&stats, true);
         assert!(again.contains("llama_serve_prompt_tokens_total 30"));
+        assert!(again.contains("llama_serve_engine_step_seconds_total{phase=\"forward\"} 1.5"));
     }
 }

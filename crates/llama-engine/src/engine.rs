@@ -39,6 +39,18 @@ pub struct EngineConfig {
     pub draws_on_device: Option<bool>,
 }
 
+/// `draws_on_device` from its user-facing name: `auto` (`None`), `device` or
+/// `host`; the one parser behind the server's `--sampling` and engine-bench's
+/// `--draws`.
+pub fn parse_draws_on_device(name: &str) -> Result<Option<bool>, String> {
+    match name.trim() {
+        "auto" => Ok(None),
+        "device" => Ok(Some(true)),
+        "host" => Ok(Some(false)),
+        other => Err(format!("auto, device or host, not {other:?}")),
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {

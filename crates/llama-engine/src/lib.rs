@@ -18,7 +18,9 @@ pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;
 
-pub use engine::{start_engine, start_with_runner, EngineConfig, EngineStartError};
+pub use engine::{
+    parse_draws_on_device, start_engine, start_with_runner, EngineConfig, EngineStartError,
+};
 pub use handle::{EngineHandle, Generation, StatsSnapshot};
 pub use request::{
     EngineError, FinishReason, GenerateRequest, SampledLogprobs, SamplingParams, StopConditions,

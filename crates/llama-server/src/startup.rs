@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use llama_engine::{start_engine, EngineConfig};
+use llama_engine::{parse_draws_on_device, start_engine, EngineConfig};
 use llama_model::attention::AttentionImpl;
 use llama_model::{
     resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
@@ -52,12 +52,8 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
         };
     }
     if let Some(name) = &settings.sampling {
-        engine.draws_on_device = match name.trim() {
-            "auto" => None,
-            "device" => Some(true),
-            "host" => Some(false),
-            other => anyhow::bail!("--sampling: auto, device or host, not {other:?}"),
-        };
+        engine.draws_on_device =
+            parse_draws_on_device(name).map_err(|e| anyhow::anyhow!("--sampling: {e}"))?;
     }
     if let Some(v) = settings.max_num_seqs {
         engine.max_num_seqs = v;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_engine::tokenizer::Tokenizer;
-use llama_engine::{start_engine, EngineConfig, GenerateRequest, StreamEvent};
+use llama_engine::{
+    parse_draws_on_device, start_engine, EngineConfig, GenerateRequest, StreamEvent,
+};
 use llama_model::{
     resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
 };
@@ -99,12 +101,8 @@ fn main() -> Result<()> {
             budget,
             dtype: kv_dtype(&args.kv_cache_dtype)?,
         },
-        draws_on_device: match args.draws.as_str() {
-            "auto" => None,
-            "device" => Some(true),
-            "host" => Some(false),
-            other => bail!("--draws: auto, device or host, not {other:?}"),
-        },
+        draws_on_device: parse_draws_on_device(&args.draws)
+            .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
         ..Default::default()
     };
     let handle = start_engine(model, tokenizer, config)?;

@@ -9,12 +9,14 @@ use serde_json::json;
 #[tokio::test]
 async fn a_request_past_its_timeout_ends_with_an_error_and_frees_the_engine() {
     let server = Server::builder()
-        .args(["--request-timeout", "0.3"])
+        .args(["--request-timeout", "0.1"])
         .start()
         .await
         .unwrap();
-    // 480 tokens take far longer than 0.3 s on this machine, even for the tiny model.
-    let long = json!({"prompt": "Hello", "max_tokens": 480, "ignore_eos": true, "temperature": 0});
+    // 510 tokens (the whole context) take about 0.3 s for the tiny model
+    // here, three times the timeout; it outran a 0.3 s timeout with 480
+    // tokens in CI.
+    let long = json!({"prompt": "Hello", "max_tokens": 510, "ignore_eos": true, "temperature": 0});
     let reply = server.post_json("/v1/completions", &long).await.unwrap();
     assert_eq!(reply.status.as_u16(), 504, "{}", reply.text);
     assert_eq!(reply.body["error"]["code"], "timeout", "{}", reply.text);

@@ -26,7 +26,8 @@
 # on a random 7B in bf16 (and a 512-token prefill with CUDA-core attention:
 # before/after in one run), the attention kernels alone, and the engine at 64
 # and 200 concurrent requests with the KV pool sized as 90% of the GPU, and at
-# 64 with sampling. Steps are skipped once STEP_BUDGET_S (default 470) seconds
+# 64 with sampling; with --cuda-graphs (after their own test): llama-bench
+# decode, the engine, and the server (parity and load). Steps are skipped once STEP_BUDGET_S (default 470) seconds
 # have gone, so the table always comes back within one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,6 +101,8 @@ run_tests() { # log name, test binary, libtest arguments...
   return $rc
 }
 KERNELS=auto
+GRAPHS=1
+[ "$DEVICE" = cuda ] || GRAPHS=0  # no graphs to make on the CPU
 if [ -x "${TESTS_AT:-/nonexistent}/reference" ] && step "reference tests on $DEVICE"; then
   run_tests reference reference || status=1
 fi
@@ -118,19 +121,30 @@ if [ -x "${TESTS_AT:-/nonexistent}/kernels" ]; then
       "$OUT/kernels-attention.log" | sort
   fi
   if step "kernel tests on $DEVICE: the rest"; then
-    run_tests kernels kernels --skip paged_attention || status=1
+    run_tests kernels kernels --skip paged_attention --skip decode_graphs || status=1
+  fi
+  # Alone as well: a fault in a replayed graph would poison the context.
+  if step "kernel tests on $DEVICE: decode steps replayed as CUDA graphs"; then
+    run_tests kernels-graphs kernels decode_graphs || {
+      status=1; GRAPHS=0
+      echo "!! CUDA graphs failed their test: no graph runs below"
+    }
+    grep -E "^graphs " "$OUT/kernels-graphs.log"
   fi
 fi
 
 bench() { # name, kernels, batches, prompts, gen, time limit
   step "llama-bench $SHAPE $DTYPE on $DEVICE, kernels=$2" || return 0
-  timeout "$6" "$BIN/llama-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$2" ${PROFILE:-} \
+  timeout "$6" "$BIN/llama-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$2" ${PROFILE:-} ${EXTRA:-} \
     --batch-sizes "$3" --prompt-len "$4" --gen "$5" --json > "$OUT/$1.json" 2> "$OUT/$1.log" || { status=1; tail -n 5 "$OUT/$1.log"; }
 }
 PROFILE=--profile bench bench-fused "$KERNELS" "$BATCHES" "$PROMPTS" "$GEN" 150
 # The "before" of the tensor-core prefill kernel: the same prefill with the
 # prompt attention on CUDA cores.
 bench bench-cuda-cores cuda-cores 1 "$BEFORE_PROMPT" 8 60
+# Decode with every step replayed as a CUDA graph: the "after" of graphs,
+# beside bench-fused's "before" in the table.
+[ "$GRAPHS" = 1 ] && EXTRA=--cuda-graphs bench bench-graphs "$KERNELS" "$BATCHES" "${PROMPTS%%,*}" "$GEN" 120
 
 ATT_CASES=1x128,1x512,1x4096,8x512,64x128,64x512,p1x512,p1x2048,p16x128
 PREFILL_CASES=p1x512,p1x2048,p16x128
@@ -146,6 +160,13 @@ if step "engine-bench $SHAPE $DTYPE on $DEVICE at $ENGINE_LEVELS concurrent, KV 
   timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$KERNELS" \
     --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
     > "$OUT/engine.json" 2> "$OUT/engine.log" || { status=1; tail -n 5 "$OUT/engine.log"; }
+fi
+
+if [ "$GRAPHS" = 1 ] && step "engine-bench with CUDA graphs at $ENGINE_LEVELS concurrent"; then
+  timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$KERNELS" --cuda-graphs \
+    --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
+    > "$OUT/engine-graphs.json" 2> "$OUT/engine-graphs.log" || { status=1; tail -n 5 "$OUT/engine-graphs.log"; }
+  grep -E "CUDA graphs" "$OUT/engine-graphs.log" | head -n 3
 fi
 
 # Sampled requests (temperature 0.8, top-p 0.95, seeded): on a GPU each row is
@@ -166,6 +187,9 @@ fi
 serve() { # log name, port, flags...
   "$BIN/llama-serve" --host 127.0.0.1 --port "$2" "${@:3}" > "$OUT/$1.log" 2>&1 &
   echo $!
+}
+metric() { # base URL, metric name: prints its line from /metrics
+  python3 -c 'import sys, urllib.request; print("".join("   " + l + "\n" for l in urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=5).read().decode().splitlines() if l.startswith(sys.argv[2])), end="")' "$1" "$2" || true
 }
 # The other builds packed with --pack-as: their attention test, the attention
 # kernels alone and decode at batch 1 and 64, beside the reference's above.
@@ -197,13 +221,27 @@ if [ -x "$BIN/llama-serve" ] && step "llama-serve on $DEVICE against the CPU (ti
   timeout 120 python3 scripts/gpu-serve-check.py parity http://127.0.0.1:18081 http://127.0.0.1:18082 \
     > "$OUT/serve-parity.log" 2>&1 || status=1
   cat "$OUT/serve-parity.log"
-  kill "$a" "$b" 2>/dev/null; wait "$a" "$b" 2>/dev/null
+  kill "$a"; wait "$a" 2>/dev/null
+  if [ "$GRAPHS" = 1 ]; then
+    echo "   the same with --cuda-graphs on:"
+    g=$(serve server-gpu-graphs 18084 --model models/tiny-llama --device "$DEVICE" --dtype f32 --kv-cache-memory 256MiB --cuda-graphs on)
+    timeout 120 python3 scripts/gpu-serve-check.py parity http://127.0.0.1:18084 http://127.0.0.1:18082 \
+      > "$OUT/serve-parity-graphs.log" 2>&1 || status=1
+    cat "$OUT/serve-parity-graphs.log"
+    metric http://127.0.0.1:18084 llama_serve_cuda_graph_steps_total
+    kill "$g"; wait "$g" 2>/dev/null
+  fi
+  kill "$b" 2>/dev/null; wait "$b" 2>/dev/null
 fi
 if [ -x "$BIN/llama-serve" ] && step "llama-serve, random $SHAPE $DTYPE on $DEVICE: $SERVE_LOAD concurrent streams over HTTP"; then
-  c=$(serve server-load 18083 --model "random:$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --max-num-seqs 256)
+  # With CUDA graphs where they passed their test: the served path of graphs.
+  graph_flag=(); [ "$GRAPHS" = 1 ] && graph_flag=(--cuda-graphs on)
+  c=$(serve server-load 18083 --model "random:$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --max-num-seqs 256 "${graph_flag[@]}")
   timeout 120 python3 scripts/gpu-serve-check.py load http://127.0.0.1:18083 "${SERVE_LOAD%x*}" "${SERVE_LOAD#*x}" \
     > "$OUT/serve-load.log" 2>&1 || status=1
   tail -n 3 "$OUT/serve-load.log"
+  metric http://127.0.0.1:18083 llama_serve_cuda_graph_steps_total
+  grep -E "CUDA graphs" "$OUT/server-load.log" | head -n 2
   kill "$c" 2>/dev/null; wait "$c" 2>/dev/null
 fi
 
@@ -224,6 +262,8 @@ def load(name):
         print(f"({name}: {e})")
         return None
 fused, before, engine = load("bench-fused.json"), load("bench-cuda-cores.json"), load("engine.json")
+graphs = load("bench-graphs.json") if os.path.exists(os.path.join(out, "bench-graphs.json")) else None
+engine_graphs = load("engine-graphs.json") if os.path.exists(os.path.join(out, "engine-graphs.json")) else None
 sampled = load("engine-sampled.json")
 hf = load("transformers.json") if os.path.exists(os.path.join(out, "transformers.json")) else None
 att, att_before = load("attention-auto.json"), load("attention-cuda-cores.json")
@@ -243,6 +283,14 @@ if fused:
         g = before_rows.get((r["batch"], r["prompt_len"]))
         gs = f"{g['prefill_tok_s']:.0f}" if g else "-"
         print(f"| {r['batch']} | {r['prompt_len']} | {r['prefill_tok_s']:.0f} | {gs} | {r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | {r.get('submit_ms_per_step', float('nan')):.2f} |")
+if fused and graphs:
+    plain = {(r["batch"], r["prompt_len"]): r for r in fused["results"]}
+    print("\n| decode batch | context | without graphs tok/s | with CUDA graphs tok/s | graphs / without | host submit ms/step, with | steps replayed |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in graphs["results"]:
+        p = plain.get((r["batch"], r["prompt_len"]))
+        if p:
+            print(f"| {r['batch']} | {r['prompt_len']} | {p['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / p['decode_tok_s']:.3f} | {r['submit_ms_per_step']:.2f} | {r.get('graph_steps', '-')} |")
 if fused and fused["results"][0].get("prefill_profile_ms"):
     rows = fused["results"]
     longest = max(r["prompt_len"] for r in rows)
@@ -288,16 +336,20 @@ for path in sorted(glob.glob(os.path.join(out, "alt-*-attention.json"))):
 if engine:
     print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in engine["results"] + [dict(r, concurrency=f"{r['concurrency']} sampled") for r in (sampled or {}).get("results", [])]:
+    for r in engine["results"] + [dict(r, concurrency=f"{r['concurrency']} sampled") for r in (sampled or {}).get("results", [])] \
+            + [dict(r, concurrency=f"{r['concurrency']} graphs ({r.get('graph_steps', 0)} steps replayed)") for r in (engine_graphs or {}).get("results", [])]:
         print(f"| {r['concurrency']} | {r['output_tok_s']:.1f} | {r.get('decode_tok_s', float('nan')):.1f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['ms_per_step']:.2f} | {r['engine_overhead_pct']:.2f} | {r['preemptions']} | {r['kv_blocks_used_after']} / {r['kv_blocks_total']} |")
     if fused:
         shortest = min(r["prompt_len"] for r in fused["results"])
         b = {r["batch"]: r for r in fused["results"] if r["prompt_len"] == shortest}
         top = max(b)
-        for r in engine["results"]:
+        # Graphs against graphs: the engine with graphs over the bench with graphs.
+        bg = {r["batch"]: r for r in (graphs or {}).get("results", [])}
+        for r in engine["results"] + [dict(r, graphs=True) for r in (engine_graphs or {}).get("results", [])]:
+            ref = bg.get(top, b[top]) if r.get("graphs") else b[top]
             if r["concurrency"] == top:
-                print(f"\nengine at {top} concurrent = {100 * r['output_tok_s'] / b[top]['decode_tok_s']:.0f}% of the bench's batch-{top} decode (whole run, prefill included); "
-                      f"its decode-only steps = {100 * r.get('decode_tok_s', 0) / b[top]['decode_tok_s']:.0f}%")
+                print(f"\nengine{' with CUDA graphs' if r.get('graphs') else ''} at {top} concurrent = {100 * r['output_tok_s'] / ref['decode_tok_s']:.0f}% of the bench's batch-{top} decode{' with graphs' if r.get('graphs') and top in bg else ''} (whole run, prefill included); "
+                      f"its decode-only steps = {100 * r.get('decode_tok_s', 0) / ref['decode_tok_s']:.0f}%")
 PY
 # The device tool brings back only a few files: every log and JSON in one archive.
 tar -C "$OUT" -czf /tmp/gpu-run-logs.tgz . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu-run-logs.tgz "$OUT/logs.tgz"

@@ -37,6 +37,10 @@ pub struct EngineConfig {
     /// [`llama_model::sampling`]); `None`: where the model runs on a GPU.
     /// Greedy rows always are.
     pub draws_on_device: Option<bool>,
+    /// Replay decode-only steps as CUDA graphs, recorded at start for every
+    /// batch size up to `max_num_seqs` (see [`llama_model::DecodeGraphs`]).
+    /// Ignored off CUDA.
+    pub cuda_graphs: bool,
 }
 
 /// `draws_on_device` from its user-facing name: `auto` (`None`), `device` or
@@ -61,6 +65,7 @@ impl Default for EngineConfig {
             max_n: 16,
             max_logprobs: 20,
             draws_on_device: None,
+            cuda_graphs: false,
         }
     }
 }
@@ -93,7 +98,10 @@ pub fn start_engine(
         bytes_per_token = kv.bytes_per_token(),
         "KV cache allocated"
     );
-    let runner = CandleRunner::new(model, kv, config.draws_on_device);
+    let mut runner = CandleRunner::new(model, kv, config.draws_on_device);
+    if config.cuda_graphs {
+        runner.record_graphs(config.max_num_seqs);
+    }
     start_with_runner(
         Box::new(runner),
         alloc,
@@ -258,6 +266,8 @@ impl Engine {
                 s.decode_step_ns
                     .fetch_add((t3 - t0).as_nanos() as u64, Ordering::Relaxed);
             }
+            s.graph_steps_total
+                .store(self.runner.graph_steps(), Ordering::Relaxed);
             self.publish_gauges();
         }
         self.shared.stopped.store(true, Ordering::Release);

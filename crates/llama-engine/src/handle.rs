@@ -51,6 +51,8 @@ pub struct EngineStats {
     /// forward and output processing): the engine's sustained decode rate.
     pub decode_tokens_total: AtomicU64,
     pub decode_step_ns: AtomicU64,
+    /// Steps served by replaying a CUDA graph (`--cuda-graphs on`).
+    pub graph_steps_total: AtomicU64,
 }
 
 /// A copy of [`EngineStats`] at one moment.
@@ -75,6 +77,7 @@ pub struct StatsSnapshot {
     pub decode_forward_ns: u64,
     pub decode_tokens_total: u64,
     pub decode_step_ns: u64,
+    pub graph_steps_total: u64,
 }
 
 impl EngineStats {
@@ -100,6 +103,7 @@ impl EngineStats {
             decode_forward_ns: self.decode_forward_ns.load(r),
             decode_tokens_total: self.decode_tokens_total.load(r),
             decode_step_ns: self.decode_step_ns.load(r),
+            graph_steps_total: self.graph_steps_total.load(r),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! and the scheduler can be tested with a scripted stand-in.
 
 use llama_model::sampling::{pick_rows, RowPick};
-use llama_model::{BatchInput, KvCache, LlamaModel, SeqChunk, Tensor};
+use llama_model::{BatchInput, DecodeGraphs, KvCache, LlamaModel, SeqChunk, Tensor};
 
 use crate::scheduler::StepPlan;
 
@@ -42,6 +42,10 @@ pub trait ModelRunner: Send {
     }
     /// Runs one batched forward for `plan`; returns one logits row per chunk with `sample` set.
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
+    /// Steps served by replaying a CUDA graph so far.
+    fn graph_steps(&self) -> u64 {
+        0
+    }
 }
 
 /// The real thing: a Candle [`LlamaModel`] and its [`KvCache`].
@@ -49,6 +53,7 @@ pub struct CandleRunner {
     model: LlamaModel,
     kv: KvCache,
     draws_on_device: bool,
+    graphs: Option<DecodeGraphs>,
 }
 
 impl CandleRunner {
@@ -60,7 +65,58 @@ impl CandleRunner {
             model,
             kv,
             draws_on_device,
+            graphs: None,
         }
+    }
+
+    /// Turns on CUDA graphs for decode steps of up to `max_batch` sequences
+    /// and records them all now, for every context size, so that no request
+    /// waits on a recording. Does nothing off CUDA. Should recording fail,
+    /// the engine serves without graphs (with a warning): never a reason not
+    /// to start.
+    pub fn record_graphs(&mut self, max_batch: usize) {
+        let t0 = std::time::Instant::now();
+        match self.try_record_graphs(max_batch) {
+            Ok(None) => {
+                tracing::info!("CUDA graphs asked for, but the model does not run the CUDA kernels")
+            }
+            Err(e) => tracing::warn!("serving without CUDA graphs: recording failed: {e}"),
+            Ok(Some(graphs)) => {
+                match graphs.disabled_reason() {
+                    Some(why) => tracing::warn!("serving without CUDA graphs: {why}"),
+                    None => tracing::info!(
+                        graphs = graphs.stats().captured,
+                        seconds = t0.elapsed().as_secs_f64(),
+                        "CUDA graphs recorded for decode steps"
+                    ),
+                }
+                self.graphs = Some(graphs);
+            }
+        }
+    }
+
+    fn try_record_graphs(&mut self, max_batch: usize) -> llama_model::Result<Option<DecodeGraphs>> {
+        let Some(mut graphs) = DecodeGraphs::new(&self.model, &self.kv, max_batch)? else {
+            return Ok(None);
+        };
+        let max_ctx = self.model.config().max_position_embeddings;
+        let mut sizes: Vec<usize> = (1..=max_batch).map(llama_model::graph_batch).collect();
+        sizes.dedup();
+        for &rows in &sizes {
+            // One graph per power-of-two count of 32-key chunks, up to the
+            // decode kernel's most warps (8: 256 keys).
+            let mut ctx = 32;
+            loop {
+                if !graphs.prepare(&self.model, &self.kv, rows, ctx.min(max_ctx))? {
+                    return Ok(Some(graphs));
+                }
+                if ctx >= max_ctx || ctx >= 256 {
+                    break;
+                }
+                ctx *= 2;
+            }
+        }
+        Ok(Some(graphs))
     }
 
     pub fn kv(&self) -> &KvCache {
@@ -84,7 +140,9 @@ impl CandleRunner {
                 })
                 .collect(),
         );
-        let logits = self.model.forward(&batch, &self.kv)?;
+        let logits = self
+            .model
+            .forward_graphed(&batch, &self.kv, self.graphs.as_mut())?;
         let vocab = self.model.config().vocab_size;
         let rows: Vec<u32> = plan
             .chunks
@@ -144,5 +202,9 @@ impl ModelRunner for CandleRunner {
 
     fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
         self.run(plan).map_err(|e| e.to_string())
+    }
+
+    fn graph_steps(&self) -> u64 {
+        self.graphs.as_ref().map_or(0, |g| g.stats().replayed)
     }
 }

@@ -2,6 +2,10 @@
 #pragma once
 #include "common.cuh"
 
+// The slot of a row that must not be cached; must match NO_SLOT in
+// src/cuda_kernels/pointwise.rs.
+#define NO_SLOT 0xFFFFFFFFu
+
 // ---------------------------------------------------------------------------
 // RoPE on q and k straight out of the fused QKV projection, k and v written
 // into the paged cache, rotated q written out: one launch instead of two
@@ -10,7 +14,9 @@
 // qkv:   [n, (h + 2 kvh) * d]     rows of the QKV projection
 // cos/sin: [max_pos, d / 2]       rotate-half tables (Hugging Face layout)
 // pos:   [n] u32                  position of each token
-// slots: [n] u32                  cache slot (block * block_size + offset)
+// slots: [n] u32                  cache slot (block * block_size + offset), or
+//                                  NO_SLOT for a padding row of a CUDA graph:
+//                                  its q is computed, nothing is cached
 // q_out: [n, h, d]
 // k_cache, v_cache: [slots, kvh, d]
 // grid: n blocks; threads stride over the (h + kvh) * d/2 pairs, then kvh * d values.
@@ -26,8 +32,11 @@ __device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ c
     const T* row = qkv + (size_t)t * width;
     const T* c = cos_t + (size_t)pos[t] * half;
     const T* s = sin_t + (size_t)pos[t] * half;
-    const size_t slot = slots[t];
-    const int pairs = (h + kvh) * half;
+    const uint32_t slot32 = slots[t];
+    const bool cached = slot32 != NO_SLOT;
+    const size_t slot = cached ? slot32 : 0;
+    // Padding rows rotate their q heads only.
+    const int pairs = (cached ? h + kvh : h) * half;
     for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
         const int head = i / half;
         const int j = i % half;
@@ -48,6 +57,7 @@ __device__ void rope_write_kv(const T* __restrict__ qkv, const T* __restrict__ c
         dst[j] = from_f32<T>(o1);
         dst[j + half] = from_f32<T>(o2);
     }
+    if (!cached) return;
     const T* v = row + (h + kvh) * d;
     T* vdst = v_cache + slot * kvh * d;
     for (int i = threadIdx.x; i < kvh * d; i += blockDim.x) vdst[i] = v[i];

@@ -12,6 +12,7 @@ mod cpu_gemm;
 mod cpu_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
+mod decode_graphs;
 pub mod device;
 pub mod error;
 pub mod fused;
@@ -29,6 +30,7 @@ pub mod weights;
 pub use attention::AttentionImpl;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::LlamaConfig;
+pub use decode_graphs::{graph_batch, DecodeGraphs, GraphStats};
 pub use device::{DTypeSpec, DeviceSpec};
 pub use error::{ModelError, Result};
 pub use kv::{BlockAllocator, BlockTable, KvBudget, KvCache, KvCacheSpec, KvError};

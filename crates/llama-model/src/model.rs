@@ -133,6 +133,10 @@ impl LlamaModel {
         self.options.dtype
     }
 
+    pub fn attention(&self) -> AttentionImpl {
+        self.options.attention
+    }
+
     /// Same model, other attention implementation (tests compare the two).
     pub fn set_attention(&mut self, imp: AttentionImpl) {
         self.options.attention = imp;
@@ -143,7 +147,7 @@ impl LlamaModel {
         KvCache::new(&self.cfg, spec, self.options.dtype, &self.device)
     }
 
-    fn check(&self, batch: &BatchInput, kv: &KvCache) -> Result<()> {
+    pub(crate) fn check(&self, batch: &BatchInput, kv: &KvCache) -> Result<()> {
         if batch.seqs.is_empty() {
             return Err(ModelError::BadBatch("no sequences".into()));
         }
@@ -225,35 +229,63 @@ impl LlamaModel {
             last_row.push(rows.len() - 1);
         }
         let meta = AttentionMeta::new(seqs, kv.block_size(), h, kvh, d, self.options.attention);
-
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let pos = Tensor::from_vec(positions, n, &self.device)?;
-        let step_rope = fused::StepRope::new(&self.rope, &pos, &meta)?;
+        let rows = if rows.len() == n {
+            None
+        } else {
+            let num_rows = rows.len();
+            Some(Tensor::from_vec(rows, num_rows, &self.device)?)
+        };
+        let values = self.run_layers(&ids, &pos, &meta, kv, rows.as_ref())?;
+        Ok(Logits {
+            values,
+            last_row,
+            all_rows,
+        })
+    }
+
+    /// The layers over a step whose inputs are already on the device: token
+    /// ids and positions `[n]`, and `rows`, the rows whose logits are wanted
+    /// (all when `None`). Returns `[rows, vocab]` f32 logits. Does no
+    /// host/device copy, so a CUDA graph can capture it.
+    pub(crate) fn run_layers(
+        &self,
+        ids: &Tensor,
+        pos: &Tensor,
+        meta: &AttentionMeta,
+        kv: &KvCache,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = ids.dims()[0];
+        let (h, d) = (cfg.num_attention_heads, cfg.head_dim);
+        let step_rope = fused::StepRope::new(&self.rope, pos, meta)?;
         let eps = cfg.rms_norm_eps as f32;
         let layers = &self.weights.layers;
 
         // The residual stream `x` and the next sublayer's normed input travel
         // together: each residual add is fused with the norm that follows it.
         profile::mark("step setup", &self.device);
-        let mut x = self.weights.embed.index_select(&ids, 0)?; // [n, hidden]
+        let mut x = self.weights.embed.index_select(ids, 0)?; // [n, hidden]
         let mut normed = candle_nn::ops::rms_norm(&x, &layers[0].input_norm, eps)?;
         for (layer_idx, layer) in layers.iter().enumerate() {
             profile::mark("norms", &self.device);
             let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2 kvh) d]
             profile::mark("qkv matmul", &self.device);
             let caches = kv.layer(layer_idx);
-            let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, &meta)?;
+            let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, meta)?;
             profile::mark("rope + kv write", &self.device);
             let attn =
-                attention::paged_attention(&q, caches.0, caches.1, &meta)?.reshape((n, h * d))?;
+                attention::paged_attention(&q, caches.0, caches.1, meta)?.reshape((n, h * d))?;
             profile::mark("attention", &self.device);
             let attn_out = layer.o.forward(&attn)?;
             profile::mark("o matmul", &self.device);
-            (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, &meta)?;
+            (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, meta)?;
             profile::mark("norms", &self.device);
             let gate_up = layer.gate_up.forward(&normed)?;
             profile::mark("gate_up matmul", &self.device);
-            let act = fused::swiglu(&gate_up, &meta)?;
+            let act = fused::swiglu(&gate_up, meta)?;
             profile::mark("swiglu", &self.device);
             let mlp_out = layer.down.forward(&act)?;
             profile::mark("down matmul", &self.device);
@@ -261,22 +293,16 @@ impl LlamaModel {
                 Some(next) => &next.input_norm,
                 None => &self.weights.norm,
             };
-            (x, normed) = fused::add_rms_norm(&x, &mlp_out, next_norm, eps, &meta)?;
+            (x, normed) = fused::add_rms_norm(&x, &mlp_out, next_norm, eps, meta)?;
         }
         drop(x);
-        let num_rows = rows.len();
-        let x = if num_rows == n {
-            normed
-        } else {
-            normed.index_select(&Tensor::from_vec(rows, num_rows, &self.device)?, 0)?
+        let x = match rows {
+            None => normed,
+            Some(rows) => normed.index_select(rows, 0)?,
         };
         profile::mark("norms", &self.device);
         let values = self.weights.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         profile::mark("lm head", &self.device);
-        Ok(Logits {
-            values,
-            last_row,
-            all_rows,
-        })
+        Ok(values)
     }
 }

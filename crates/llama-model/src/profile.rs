@@ -33,6 +33,12 @@ pub fn finish() -> Vec<(&'static str, Duration)> {
     totals
 }
 
+/// Whether this thread is recording (a CUDA graph cannot hold the marks'
+/// synchronisations).
+pub fn is_recording() -> bool {
+    STAGES.with_borrow(|s| s.is_some())
+}
+
 /// Ends a stage: when recording, waits for the device and charges the time
 /// since the previous mark to `name`.
 pub fn mark(name: &'static str, device: &Device) {

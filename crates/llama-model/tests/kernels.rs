@@ -7,8 +7,8 @@ use llama_model::attention::{self, AttentionImpl, AttentionMeta, SeqAttention};
 use llama_model::fused;
 use llama_model::rope::RopeTables;
 use llama_model::{
-    resolve_shape, BatchInput, BlockAllocator, BlockTable, DType, Device, KvBudget, KvCacheSpec,
-    LlamaConfig, LlamaModel, ModelOptions, SeqChunk, Tensor,
+    resolve_shape, BatchInput, BlockAllocator, BlockTable, DType, DecodeGraphs, Device, KvBudget,
+    KvCacheSpec, LlamaConfig, LlamaModel, ModelOptions, SeqChunk, Tensor,
 };
 
 fn device() -> Device {
@@ -327,6 +327,115 @@ fn forward_with_fused_kernels_matches_the_plain_path() {
                 println!("forward {what} {dtype:?} h={h} kv={kvh} d={d}: rel {rel:.2e}");
                 assert!(rel < tol, "{what} {dtype:?} h={h} kv={kvh} d={d}: {rel}");
             }
+        }
+    }
+}
+
+/// Decode steps replayed as CUDA graphs against the same steps run plainly,
+/// each side with its own cache: batch sizes that pad (3 → 4, 5 → 8, 9 →
+/// 16) and contexts that change the graph's warp count, with graphs both
+/// recorded ahead (`prepare`) and on the fly. A padding row that wrote into
+/// the cache, or a graph that read a stale input, would change the logits of
+/// later steps. On the CPU there are no graphs to make.
+#[test]
+fn decode_graphs_replay_the_plain_steps() {
+    let dev = device();
+    let spec = KvCacheSpec {
+        block_size: BLOCK_SIZE,
+        budget: KvBudget::Tokens(NUM_BLOCKS * BLOCK_SIZE),
+        dtype: None,
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for (h, kvh, d) in [(8, 2, 64), (8, 8, 32)] {
+            let opts = ModelOptions {
+                dtype,
+                ..ModelOptions::default()
+            };
+            let model = LlamaModel::random(small_config(h, kvh, d), 7, &dev, opts).unwrap();
+            let plain_kv = model.new_kv_cache(&spec).unwrap();
+            let graph_kv = model.new_kv_cache(&spec).unwrap();
+            let Some(mut graphs) = DecodeGraphs::new(&model, &graph_kv, 16).unwrap() else {
+                assert!(!dev.is_cuda(), "no graphs on CUDA");
+                return;
+            };
+            // Ahead of time: batches of 3 and 5 at contexts up to 64.
+            for n in [3, 5] {
+                assert!(graphs.prepare(&model, &graph_kv, n, 64).unwrap());
+            }
+            let prompt_lens = [1usize, 20, 40, 70, 100, 9, 15, 33, 64];
+            let (mut plain_pool, mut graph_pool) = (plain_kv.allocator(), graph_kv.allocator());
+            let mut tables: Vec<(BlockTable, BlockTable)> = prompt_lens
+                .iter()
+                .map(|_| (BlockTable::new(), BlockTable::new()))
+                .collect();
+            let mut positions = vec![0usize; prompt_lens.len()];
+            let mut next = vec![0u32; prompt_lens.len()];
+            let active_per_step = [9, 3, 3, 3, 5, 5, 5, 1, 1, 1, 2, 9, 9, 9, 4, 5, 3, 9];
+            for (step, &active) in std::iter::once(&9).chain(&active_per_step).enumerate() {
+                let prompts: Vec<Vec<u32>> = (0..active)
+                    .map(|i| {
+                        if step == 0 {
+                            (0..prompt_lens[i])
+                                .map(|t| ((t * 31 + i * 7) % 1000 + 3) as u32)
+                                .collect()
+                        } else {
+                            vec![next[i]]
+                        }
+                    })
+                    .collect();
+                for (i, p) in prompts.iter().enumerate() {
+                    let end = positions[i] + p.len();
+                    plain_pool.ensure_capacity(&mut tables[i].0, end).unwrap();
+                    graph_pool.ensure_capacity(&mut tables[i].1, end).unwrap();
+                }
+                let batch = |graph_side: bool| {
+                    BatchInput::new(
+                        prompts
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| SeqChunk {
+                                tokens: p,
+                                start_pos: positions[i],
+                                block_table: if graph_side {
+                                    &tables[i].1
+                                } else {
+                                    &tables[i].0
+                                },
+                                all_logits: false,
+                            })
+                            .collect(),
+                    )
+                };
+                let plain = model
+                    .forward(&batch(false), &plain_kv)
+                    .unwrap()
+                    .last()
+                    .unwrap();
+                let replayed = model
+                    .forward_graphed(&batch(true), &graph_kv, Some(&mut graphs))
+                    .unwrap()
+                    .last()
+                    .unwrap();
+                let rel = rel_err(&replayed, &plain);
+                let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+                assert!(
+                    rel < tol,
+                    "{dtype:?} h={h} kv={kvh} d={d} step {step} ({active} sequences): rel {rel}"
+                );
+                let ids: Vec<u32> = plain
+                    .argmax(candle_core::D::Minus1)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (i, p) in prompts.iter().enumerate() {
+                    positions[i] += p.len();
+                    next[i] = ids[i];
+                }
+            }
+            let stats = graphs.stats();
+            println!("graphs {dtype:?} h={h} kv={kvh} d={d}: {stats:?}");
+            assert!(!stats.disabled, "{:?}", graphs.disabled_reason());
+            assert!(stats.captured >= 2 && stats.replayed >= 6, "{stats:?}");
         }
     }
 }

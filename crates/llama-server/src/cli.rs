@@ -81,6 +81,14 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_SAMPLING")]
     pub sampling: Option<String>,
 
+    /// on or off [default: off]: replay decode steps as CUDA graphs, recorded
+    /// at start for every batch size up to --max-num-seqs, so the host no
+    /// longer launches each kernel of a step (vLLM's default; its
+    /// --enforce-eager is our off). Each graph is checked against the plain
+    /// forward once, and graphs turn themselves off should one disagree.
+    #[arg(long, env = "LLAMA_SERVE_CUDA_GRAPHS")]
+    pub cuda_graphs: Option<String>,
+
     /// Most sequences running in one step.
     #[arg(long, env = "LLAMA_SERVE_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -145,6 +153,7 @@ pub struct FileConfig {
     pub kv_cache_memory: Option<String>,
     pub kv_cache_dtype: Option<String>,
     pub sampling: Option<String>,
+    pub cuda_graphs: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,

@@ -68,6 +68,7 @@ pub struct Metrics {
     engine_requests: IntCounterVec,
     engine_up: IntGauge,
     engine_steps: IntCounter,
+    graph_steps: IntCounter,
     engine_step_seconds: CounterVec,
     /// Serialises scrapes: engine totals are copied into counters as deltas.
     sync: Mutex<()>,
@@ -182,6 +183,7 @@ impl Metrics {
             generation_tokens: int_counter(&r, "llama_serve_generation_tokens_total", "Tokens generated."),
             engine_up: int_gauge(&r, "llama_serve_engine_up", "1 while the engine thread runs its loop, 0 once it stopped."),
             engine_steps: int_counter(&r, "llama_serve_engine_steps_total", "Batched forward steps the engine ran."),
+            graph_steps: int_counter(&r, "llama_serve_cuda_graph_steps_total", "Decode steps served by replaying a CUDA graph (--cuda-graphs on)."),
             engine_step_seconds,
             engine_requests,
             kv_usage,
@@ -217,6 +219,7 @@ impl Metrics {
         total(&self.prompt_tokens, stats.prompt_tokens_total);
         total(&self.generation_tokens, stats.generation_tokens_total);
         total(&self.engine_steps, stats.steps_total);
+        total(&self.graph_steps, stats.graph_steps_total);
         for (phase, ns) in [
             ("schedule", stats.schedule_ns),
             ("forward", stats.forward_ns),
@@ -334,6 +337,7 @@ mod tests {
             generation_tokens_total: 12,
             preemptions_total: 1,
             steps_total: 7,
+            graph_steps_total: 4,
             forward_ns: 1_500_000_000,
             ..Default::default()
         };
@@ -349,6 +353,7 @@ mod tests {
             "llama_serve_prompt_tokens_total 30",
             "llama_serve_generation_tokens_total 12",
             "llama_serve_engine_steps_total 7",
+            "llama_serve_cuda_graph_steps_total 4",
             "llama_serve_engine_step_seconds_total{phase=\"forward\"} 1.5",
             "llama_serve_engine_step_seconds_total{phase=\"schedule\"} 0",
             "# TYPE llama_serve_time_to_first_token_seconds histogram",

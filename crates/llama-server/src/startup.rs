@@ -55,6 +55,13 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
         engine.draws_on_device =
             parse_draws_on_device(name).map_err(|e| anyhow::anyhow!("--sampling: {e}"))?;
     }
+    if let Some(name) = &settings.cuda_graphs {
+        engine.cuda_graphs = match name.trim() {
+            "on" => true,
+            "off" => false,
+            other => anyhow::bail!("--cuda-graphs: on or off, not {other:?}"),
+        };
+    }
     if let Some(v) = settings.max_num_seqs {
         engine.max_num_seqs = v;
     }
@@ -203,6 +210,21 @@ mod tests {
         assert!(err.contains("--sampling"), "{err}");
         let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
         assert_eq!(default.draws_on_device, None);
+    }
+
+    #[test]
+    fn cuda_graphs_are_off_unless_asked_for() {
+        let with = |name: &str| {
+            let mut config = ServerConfig::default();
+            config.engine.cuda_graphs = Some(name.into());
+            engine_config(&config, DeviceSpec::Cpu)
+        };
+        assert!(with("on").unwrap().cuda_graphs);
+        assert!(!with("off").unwrap().cuda_graphs);
+        let err = with("yes").unwrap_err().to_string();
+        assert!(err.starts_with("--cuda-graphs"), "{err}");
+        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        assert!(!default.cuda_graphs);
     }
 
     #[test]

@@ -59,6 +59,9 @@ struct Args {
     /// (fused, with prompt attention on CUDA cores instead of tensor cores).
     #[arg(long, default_value = "auto")]
     kernels: String,
+    /// Replay decode steps as CUDA graphs, recorded before the first request.
+    #[arg(long)]
+    cuda_graphs: bool,
 
     #[arg(long)]
     json: bool,
@@ -103,6 +106,7 @@ fn main() -> Result<()> {
         },
         draws_on_device: parse_draws_on_device(&args.draws)
             .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
+        cuda_graphs: args.cuda_graphs,
         ..Default::default()
     };
     let handle = start_engine(model, tokenizer, config)?;
@@ -216,6 +220,7 @@ fn main() -> Result<()> {
             // those steps' whole wall time, engine overhead included.
             "decode_tok_s": decode_tokens as f64 / (decode_step_ns.max(1) as f64 / 1e9),
             "preemptions": after.preemptions_total - before.preemptions_total,
+            "graph_steps": after.graph_steps_total - before.graph_steps_total,
             "kv_blocks_used_after": after.kv_blocks_used,
             "kv_blocks_total": after.kv_blocks_total,
         });
@@ -227,14 +232,14 @@ fn main() -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "results": rows})
+            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "cuda_graphs": args.cuda_graphs, "results": rows})
         );
     } else {
-        println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | preemptions |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | preemptions | graph steps |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {} |",
+                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {} | {} |",
                 r["concurrency"],
                 r["output_tok_s"].as_f64().unwrap(),
                 r["decode_tok_s"].as_f64().unwrap(),
@@ -244,7 +249,8 @@ fn main() -> Result<()> {
                 r["prompt_steps_s"].as_f64().unwrap(),
                 r["decode_ms_per_step"].as_f64().unwrap(),
                 r["engine_overhead_pct"].as_f64().unwrap(),
-                r["preemptions"]
+                r["preemptions"],
+                r["graph_steps"]
             );
         }
     }

@@ -114,6 +114,14 @@ impl AttentionMeta {
         self.slot_mapping.len()
     }
 
+    /// The same step with its device metadata given rather than uploaded:
+    /// a CUDA graph's, kept in buffers that outlive the step.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn with_cuda_meta(self, meta: crate::cuda_kernels::StepMeta) -> Self {
+        let _ = self.cuda_meta.set(meta);
+        self
+    }
+
     fn use_fused(&self, device: &Device) -> bool {
         self.imp != AttentionImpl::Generic && device.is_cpu()
     }

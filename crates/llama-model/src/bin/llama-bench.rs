@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_model::{
-    resolve_shape, AttentionImpl, BatchInput, BlockTable, DTypeSpec, DeviceSpec, KvBudget,
-    KvCacheSpec, LlamaModel, ModelOptions, SeqChunk,
+    resolve_shape, AttentionImpl, BatchInput, BlockTable, DTypeSpec, DecodeGraphs, DeviceSpec,
+    KvBudget, KvCacheSpec, LlamaModel, ModelOptions, SeqChunk,
 };
 
 #[derive(Parser, Debug)]
@@ -54,6 +54,9 @@ struct Args {
     /// KV cache element type: auto (the model's), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Replay decode steps as CUDA graphs (recorded before the timed steps).
+    #[arg(long)]
+    cuda_graphs: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -82,6 +85,8 @@ struct Row {
     /// `--profile`: milliseconds per forward stage.
     prefill_profile: Vec<(&'static str, f64)>,
     decode_profile: Vec<(&'static str, f64)>,
+    /// Decode steps served by a CUDA graph replay (`--cuda-graphs`).
+    graph_steps: u64,
 }
 
 fn stages_ms(stages: Vec<(&'static str, std::time::Duration)>) -> Vec<(&'static str, f64)> {
@@ -136,6 +141,15 @@ fn main() -> Result<()> {
     };
     let kv = model.new_kv_cache(&spec)?;
     let mut alloc = kv.allocator();
+    let mut graphs = if args.cuda_graphs {
+        let g = DecodeGraphs::new(&model, &kv, max_batch)?;
+        if g.is_none() {
+            bail!("--cuda-graphs: this model does not run the CUDA kernels");
+        }
+        g
+    } else {
+        None
+    };
     let vocab = cfg.vocab_size as u32;
     let token = |i: usize| ((i as u64 * 2654435761 + 17) % (vocab as u64 - 3)) as u32 + 3;
 
@@ -184,8 +198,21 @@ fn main() -> Result<()> {
             }
             let mut last: Vec<u32> = (0..batch_size).map(token).collect();
             let mut pos = prompt_len;
+            if let Some(g) = graphs.as_mut() {
+                // Every graph the steps below replay, recorded and checked now.
+                let last_ctx = prompt_len + args.warmup + args.gen + 2;
+                for ctx in prompt_len + 1..=last_ctx {
+                    if !g.prepare(&model, &kv, batch_size, ctx)? {
+                        bail!(
+                            "--cuda-graphs: {}",
+                            g.disabled_reason().unwrap_or("graphs are off")
+                        );
+                    }
+                }
+            }
+            let replayed_before = graphs.as_ref().map_or(0, |g| g.stats().replayed);
             let submit_secs = std::cell::Cell::new(0.0f64);
-            let decode_step = |pos: usize, last: &mut Vec<u32>| -> Result<()> {
+            let mut decode_step = |pos: usize, last: &mut Vec<u32>| -> Result<()> {
                 let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
                 let batch = BatchInput::new(
                     toks.iter()
@@ -199,7 +226,7 @@ fn main() -> Result<()> {
                         .collect(),
                 );
                 let t = Instant::now();
-                let logits = model.forward(&batch, &kv)?;
+                let logits = model.forward_graphed(&batch, &kv, graphs.as_mut())?;
                 // Time to enqueue the step: on a GPU, if this is close to the
                 // step time, the host (launch overhead) is the bottleneck.
                 submit_secs.set(submit_secs.get() + t.elapsed().as_secs_f64());
@@ -231,6 +258,7 @@ fn main() -> Result<()> {
             for t in tables.iter_mut() {
                 alloc.release(t)?;
             }
+            let graph_steps = graphs.as_ref().map_or(0, |g| g.stats().replayed) - replayed_before;
             rows.push(Row {
                 batch: batch_size,
                 prompt_len,
@@ -240,6 +268,7 @@ fn main() -> Result<()> {
                 submit_ms_per_step: submit_secs.get() * 1000.0 / args.gen as f64,
                 prefill_profile: prefill_profile.clone(),
                 decode_profile,
+                graph_steps,
             });
             if !args.json {
                 let r = rows.last().unwrap();
@@ -266,12 +295,14 @@ fn main() -> Result<()> {
                     "submit_ms_per_step": r.submit_ms_per_step,
                     "prefill_profile_ms": r.prefill_profile,
                     "decode_profile_ms": r.decode_profile,
+                    "graph_steps": r.graph_steps,
                 })
             })
             .collect();
         let out = serde_json::json!({
             "device": args.device,
             "kernels": args.kernels,
+            "cuda_graphs": args.cuda_graphs,
             "dtype": dtype.to_string(),
             "shape": shape_name,
             "parameters": cfg.num_parameters(),

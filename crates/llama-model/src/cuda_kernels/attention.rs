@@ -9,7 +9,7 @@ use candle_core::{bail, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Resul
 use half::{bf16, f16};
 
 /// Most warps per decode-attention block; must match MAX_ATTN_WARPS in attention.cuh.
-const MAX_ATTN_WARPS: usize = 8;
+pub const MAX_ATTN_WARPS: usize = 8;
 /// What a kernel may take in shared memory without opting in to more.
 const SMEM_LIMIT: usize = 48 * 1024;
 const MAX_HEAD_DIM: usize = 256;

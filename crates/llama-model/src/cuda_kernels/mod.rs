@@ -88,9 +88,10 @@ macro_rules! cuda_op1 {
 
 // After the macros: textual scoping makes them visible to these modules.
 mod attention;
+pub(crate) mod graphs;
 mod pointwise;
 mod sampling;
 
-pub use attention::{paged_attention, StepMeta, StepSeq};
-pub use pointwise::{add_rms_norm, rope_write_kv, swiglu};
+pub use attention::{paged_attention, StepMeta, StepSeq, MAX_ATTN_WARPS};
+pub use pointwise::{add_rms_norm, rope_write_kv, swiglu, NO_SLOT};
 pub use sampling::pick_rows;

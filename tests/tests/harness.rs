@@ -25,12 +25,12 @@ async fn plain_kernels_answer_as_the_fused_ones() {
         "temperature": 0,
     });
     let mut answers = Vec::new();
-    for kernels in ["auto", "generic"] {
-        let mut server = Server::builder()
-            .args(["--kernels", kernels])
-            .start()
-            .await
-            .unwrap();
+    // CUDA graphs asked for on the CPU: nothing to record, the same answer.
+    for args in [
+        ["--kernels", "auto", "--cuda-graphs", "on"],
+        ["--kernels", "generic", "--cuda-graphs", "off"],
+    ] {
+        let mut server = Server::builder().args(args).start().await.unwrap();
         let reply = server
             .post_json("/v1/chat/completions", &body)
             .await
@@ -42,9 +42,31 @@ async fn plain_kernels_answer_as_the_fused_ones() {
             reply.text
         );
         answers.push(reply.body["choices"][0]["message"]["content"].clone());
+        let metrics = server
+            .client()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("\nllama_serve_cuda_graph_steps_total 0\n"),
+            "{metrics}"
+        );
         server.terminate(Duration::from_secs(30)).await.unwrap();
     }
     assert_eq!(answers[0], answers[1]);
+
+    let err = Server::builder()
+        .args(["--cuda-graphs", "yes"])
+        .start()
+        .await
+        .err()
+        .expect("--cuda-graphs yes must stop the server")
+        .to_string();
+    assert!(err.contains("--cuda-graphs: on or off"), "{err}");
 
     let err = Server::builder()
         .args(["--kernels", "flash"])

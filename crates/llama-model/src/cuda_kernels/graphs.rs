@@ -59,6 +59,7 @@ pub struct Graphs {
     /// Host side of the first three sections, and of the block tables.
     head: Vec<u32>,
     tables: Vec<u32>,
+    cuda: candle_core::CudaDevice,
     stream: std::sync::Arc<CudaStream>,
     graphs: HashMap<(usize, usize), Entry>,
     disabled: Option<String>,
@@ -175,6 +176,7 @@ impl Graphs {
             out,
             head: vec![0; 3 * max_batch],
             tables: Vec::with_capacity(max_batch * max_blocks),
+            cuda: cuda.clone(),
             stream,
             graphs: HashMap::new(),
             disabled: None,
@@ -319,6 +321,12 @@ impl Graphs {
         rows: usize,
         warps: usize,
     ) -> Result<Tensor> {
+        // Candle uploads some kernels' shape parameters (index_select's) from
+        // the host, which a capture cannot record: this keeps them on the
+        // device, keyed by their values, so the warm-up run leaves them there
+        // for the capture (a miss while capturing is an error, not a stale
+        // value). Step data never goes through it: it is in `inputs`.
+        let _cache = self.cuda.enable_cuda_graph_htod_cache();
         let meta = self.meta(model, rows, warps)?;
         let ids = self.inputs.narrow(0, 0, rows)?;
         let positions = self.inputs.narrow(0, self.max_batch, rows)?;

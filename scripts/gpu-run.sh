@@ -27,7 +27,9 @@
 # before/after in one run), the attention kernels alone, and the engine at 64
 # and 200 concurrent requests with the KV pool sized as 90% of the GPU, and at
 # 64 with sampling; with --cuda-graphs (after their own test): llama-bench
-# decode, the engine, and the server (parity and load). Steps are skipped once STEP_BUDGET_S (default 470) seconds
+# decode, the engine, and the server (parity and load); the weight-streaming
+# GEMV (after its test): each projection against cuBLAS, and decode at batch 1
+# and 4 with and without graphs. Steps are skipped once STEP_BUDGET_S (default 470) seconds
 # have gone, so the table always comes back within one device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +39,7 @@ mkdir -p "$OUT"
 
 if [ "${1:-}" = "--pack" ]; then
   mkdir -p "$CARRY"
-  for bin in llama-bench engine-bench attention-bench llama-serve; do
+  for bin in llama-bench engine-bench attention-bench matmul-bench llama-serve; do
     [ -x "target/cuda/release/$bin" ] || continue
     cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -6 -f "$CARRY/$bin"
   done
@@ -101,8 +103,8 @@ run_tests() { # log name, test binary, libtest arguments...
   return $rc
 }
 KERNELS=auto
-GRAPHS=1
-[ "$DEVICE" = cuda ] || GRAPHS=0  # no graphs to make on the CPU
+GRAPHS=1; GEMV=1
+[ "$DEVICE" = cuda ] || { GRAPHS=0; GEMV=0; }  # CUDA-only paths
 if [ -x "${TESTS_AT:-/nonexistent}/reference" ] && step "reference tests on $DEVICE"; then
   run_tests reference reference || status=1
 fi
@@ -121,7 +123,15 @@ if [ -x "${TESTS_AT:-/nonexistent}/kernels" ]; then
       "$OUT/kernels-attention.log" | sort
   fi
   if step "kernel tests on $DEVICE: the rest"; then
-    run_tests kernels kernels --skip paged_attention --skip decode_graphs || status=1
+    run_tests kernels kernels --skip paged_attention --skip decode_graphs --skip gemv || status=1
+  fi
+  if step "kernel tests on $DEVICE: the weight-streaming GEMV"; then
+    run_tests kernels-gemv kernels gemv || {
+      status=1; GEMV=0
+      echo "!! the GEMV failed its test: no GEMV runs below"
+    }
+    awk '/^gemv [A-Z]/ { if ($NF + 0 > w[$2]) w[$2] = $NF + 0 } END { for (k in w) printf "   worst rel gemv %s: %.2e\n", k, w[k] }' \
+      "$OUT/kernels-gemv.log" | sort
   fi
   # Alone as well: a fault in a replayed graph would poison the context.
   if step "kernel tests on $DEVICE: decode steps replayed as CUDA graphs"; then
@@ -145,6 +155,14 @@ bench bench-cuda-cores cuda-cores 1 "$BEFORE_PROMPT" 8 60
 # Decode with every step replayed as a CUDA graph: the "after" of graphs,
 # beside bench-fused's "before" in the table.
 [ "$GRAPHS" = 1 ] && EXTRA=--cuda-graphs bench bench-graphs "$KERNELS" "$BATCHES" "${PROMPTS%%,*}" "$GEN" 120
+# Decode projections of up to 4 rows by the weight-streaming kernel instead of
+# cuBLAS: each projection alone, then whole decode steps, without and with graphs.
+if [ "$GEMV" = 1 ] && step "matmul-bench: 7B projections at 1, 2 and 4 rows, GEMV kernel against cuBLAS"; then
+  timeout 60 "$BIN/matmul-bench" --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --rows 1,2,4 --gemv --baseline \
+    > "$OUT/matmul-gemv.md" 2> "$OUT/matmul-gemv.log" || { status=1; tail -n 5 "$OUT/matmul-gemv.log"; }
+fi
+[ "$GEMV" = 1 ] && EXTRA=--gemv bench bench-gemv "$KERNELS" 1,4 "${PROMPTS%%,*}" "$GEN" 60
+[ "$GEMV" = 1 ] && [ "$GRAPHS" = 1 ] && EXTRA="--gemv --cuda-graphs" bench bench-gemv-graphs "$KERNELS" 1,4 "${PROMPTS%%,*}" "$GEN" 60
 
 ATT_CASES=1x128,1x512,1x4096,8x512,64x128,64x512,p1x512,p1x2048,p16x128
 PREFILL_CASES=p1x512,p1x2048,p16x128
@@ -262,7 +280,10 @@ def load(name):
         print(f"({name}: {e})")
         return None
 fused, before, engine = load("bench-fused.json"), load("bench-cuda-cores.json"), load("engine.json")
-graphs = load("bench-graphs.json") if os.path.exists(os.path.join(out, "bench-graphs.json")) else None
+def maybe(name):
+    return load(name) if os.path.exists(os.path.join(out, name)) else None
+graphs = maybe("bench-graphs.json")
+gemv, gemv_graphs = maybe("bench-gemv.json"), maybe("bench-gemv-graphs.json")
 engine_graphs = load("engine-graphs.json") if os.path.exists(os.path.join(out, "engine-graphs.json")) else None
 sampled = load("engine-sampled.json")
 hf = load("transformers.json") if os.path.exists(os.path.join(out, "transformers.json")) else None
@@ -291,6 +312,18 @@ if fused and graphs:
         p = plain.get((r["batch"], r["prompt_len"]))
         if p:
             print(f"| {r['batch']} | {r['prompt_len']} | {p['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / p['decode_tok_s']:.3f} | {r['submit_ms_per_step']:.2f} | {r.get('graph_steps', '-')} |")
+if fused and (gemv or gemv_graphs):
+    ctx = min(r["prompt_len"] for r in fused["results"])
+    by = lambda run: {r["batch"]: r["decode_tok_s"] for r in (run or {}).get("results", []) if r["prompt_len"] == ctx}
+    plain, g, v, vg = by(fused), by(graphs), by(gemv), by(gemv_graphs)
+    print(f"\n| decode batch (context {ctx}) | cuBLAS tok/s | cuBLAS + graphs | GEMV kernel | GEMV kernel + graphs |")
+    print("|---:|---:|---:|---:|---:|")
+    cell = lambda d, b: f"{d[b]:.1f}" if b in d else "-"
+    for b in sorted(set(v) | set(vg)):
+        print(f"| {b} | {cell(plain, b)} | {cell(g, b)} | {cell(v, b)} | {cell(vg, b)} |")
+if os.path.exists(os.path.join(out, "matmul-gemv.md")):
+    print("\nprojections alone (ours = GEMV kernel, candle = cuBLAS):")
+    print(open(os.path.join(out, "matmul-gemv.md")).read())
 if fused and fused["results"][0].get("prefill_profile_ms"):
     rows = fused["results"]
     longest = max(r["prompt_len"] for r in rows)

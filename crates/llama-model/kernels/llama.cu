@@ -9,6 +9,7 @@
 #include "pointwise.cuh"
 #include "prefill_mma.cuh"
 #include "sampling.cuh"
+#include "skinny.cuh"
 
 #define ATTENTION(T, SUFFIX, G, DPL)                                                             \
     extern "C" __global__ void __launch_bounds__(MAX_ATTN_WARPS * 32)                            \
@@ -67,6 +68,16 @@ PREFILL_MMA(__half, f16, 64)
 PREFILL_MMA(__half, f16, 128)
 PREFILL_MMA(__nv_bfloat16, bf16, 64)
 PREFILL_MMA(__nv_bfloat16, bf16, 128)
+
+#define SKINNY(T, SUFFIX, M)                                                                     \
+    extern "C" __global__ void __launch_bounds__(SKINNY_WARPS * 32)                              \
+        skinny_matmul_m##M##_##SUFFIX(const T* x, const T* w, T* y, int n, int k) {              \
+        skinny_matmul<T, M>(x, w, y, n, k);                                                      \
+    }
+#define SKINNY_M(T, SUFFIX) SKINNY(T, SUFFIX, 1) SKINNY(T, SUFFIX, 2) SKINNY(T, SUFFIX, 3) SKINNY(T, SUFFIX, 4)
+SKINNY_M(float, f32)
+SKINNY_M(__half, f16)
+SKINNY_M(__nv_bfloat16, bf16)
 
 extern "C" __global__ void __launch_bounds__(PICK_THREADS)
     pick_rows_f32(const float* logits, const float* params, float* scratch, uint32_t* out,

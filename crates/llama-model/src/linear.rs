@@ -31,11 +31,29 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::PackedCpu(p) => p.forward(x),
-            // On CUDA this is cuBLAS: a hand-written weight-streaming kernel for
-            // decode batches measured slower on an H200 (6.94 vs 6.65 ms per
-            // batch-1 step of a 7B, 14.1 vs 6.8 ms at batch 8).
+            // On CUDA this is cuBLAS. A first hand-written weight-streaming
+            // kernel for decode batches measured slower on an H200 (6.94 vs
+            // 6.65 ms per batch-1 step of a 7B, 14.1 vs 6.8 ms at batch 8):
+            // one warp per four rows left most of the GPU idle on the
+            // smaller projections. `forward_gemv` is the second attempt.
             Linear::Dense(w) => x.matmul(&w.t()?),
         }
+    }
+
+    /// [`Linear::forward`], with `gemv` set: a decode step's few rows (up to
+    /// four) by the weight-streaming CUDA kernel, which reads each weight
+    /// once at close to the copy bandwidth, instead of cuBLAS. Anything the
+    /// kernel does not take (more rows, the CPU, unaligned data) goes through
+    /// `forward` as before.
+    pub fn forward_gemv(&self, x: &Tensor, gemv: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (true, Linear::Dense(w)) = (gemv, self) {
+            if let Some(y) = crate::cuda_kernels::skinny_matmul(x, w)? {
+                return Ok(y);
+            }
+        }
+        let _ = gemv;
+        self.forward(x)
     }
 
     pub fn out_features(&self) -> usize {

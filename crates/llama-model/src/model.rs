@@ -64,6 +64,10 @@ impl Logits {
 pub struct ModelOptions {
     pub dtype: DType,
     pub attention: AttentionImpl,
+    /// Decode projections of up to four rows by the weight-streaming CUDA
+    /// kernel instead of cuBLAS ([`crate::linear::Linear::forward_gemv`]).
+    /// Off until measured faster on a GPU; no effect on the CPU.
+    pub gemv: bool,
 }
 
 impl Default for ModelOptions {
@@ -71,6 +75,7 @@ impl Default for ModelOptions {
         Self {
             dtype: DType::F32,
             attention: AttentionImpl::Auto,
+            gemv: false,
         }
     }
 }
@@ -263,6 +268,9 @@ impl LlamaModel {
         let step_rope = fused::StepRope::new(&self.rope, pos, meta)?;
         let eps = cfg.rms_norm_eps as f32;
         let layers = &self.weights.layers;
+        // The fused kernels' switch covers the GEMV too: `generic` is the
+        // plain-Candle reference.
+        let gemv = self.options.gemv && meta.use_cuda_kernels(&self.device);
 
         // The residual stream `x` and the next sublayer's normed input travel
         // together: each residual add is fused with the norm that follows it.
@@ -271,7 +279,7 @@ impl LlamaModel {
         let mut normed = candle_nn::ops::rms_norm(&x, &layers[0].input_norm, eps)?;
         for (layer_idx, layer) in layers.iter().enumerate() {
             profile::mark("norms", &self.device);
-            let qkv = layer.qkv.forward(&normed)?; // [n, (h + 2 kvh) d]
+            let qkv = layer.qkv.forward_gemv(&normed, gemv)?; // [n, (h + 2 kvh) d]
             profile::mark("qkv matmul", &self.device);
             let caches = kv.layer(layer_idx);
             let q = fused::rope_and_write_kv(&qkv, &self.rope, &step_rope, caches, meta)?;
@@ -279,15 +287,15 @@ impl LlamaModel {
             let attn =
                 attention::paged_attention(&q, caches.0, caches.1, meta)?.reshape((n, h * d))?;
             profile::mark("attention", &self.device);
-            let attn_out = layer.o.forward(&attn)?;
+            let attn_out = layer.o.forward_gemv(&attn, gemv)?;
             profile::mark("o matmul", &self.device);
             (x, normed) = fused::add_rms_norm(&x, &attn_out, &layer.post_norm, eps, meta)?;
             profile::mark("norms", &self.device);
-            let gate_up = layer.gate_up.forward(&normed)?;
+            let gate_up = layer.gate_up.forward_gemv(&normed, gemv)?;
             profile::mark("gate_up matmul", &self.device);
             let act = fused::swiglu(&gate_up, meta)?;
             profile::mark("swiglu", &self.device);
-            let mlp_out = layer.down.forward(&act)?;
+            let mlp_out = layer.down.forward_gemv(&act, gemv)?;
             profile::mark("down matmul", &self.device);
             let next_norm = match layers.get(layer_idx + 1) {
                 Some(next) => &next.input_norm,
@@ -301,7 +309,11 @@ impl LlamaModel {
             Some(rows) => normed.index_select(rows, 0)?,
         };
         profile::mark("norms", &self.device);
-        let values = self.weights.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let values = self
+            .weights
+            .lm_head
+            .forward_gemv(&x, gemv)?
+            .to_dtype(DType::F32)?;
         profile::mark("lm head", &self.device);
         Ok(values)
     }

@@ -331,6 +331,76 @@ fn forward_with_fused_kernels_matches_the_plain_path() {
     }
 }
 
+/// The weight-streaming decode projection (`--gemv`) against the plain
+/// matmul: 1 to 4 rows (5 falls back), weights whose row count is not a
+/// multiple of the block's four rows, `k` over several rounds of the warps'
+/// steps and a partial last step, and a `k` the kernel does not take (100
+/// halves are not whole 16-byte vectors: the plain path). Then a whole
+/// decode step with it on and off. On the CPU both sides are the plain path.
+#[test]
+fn gemv_matches_the_plain_matmul() {
+    let dev = device();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (n, k) in [(103, 64), (257, 1000), (64, 11008), (50, 100), (4096, 512)] {
+            let w = wave(&[n, k], 0.37, 0.1, dtype, &dev)
+                .affine(0.05, 0.0)
+                .unwrap();
+            let linear = llama_model::linear::Linear::dense(w).unwrap();
+            for m in 1..=5 {
+                let x = wave(&[m, k], 0.11, 0.7, dtype, &dev);
+                let plain = linear.forward(&x).unwrap();
+                let gemv = linear.forward_gemv(&x, true).unwrap();
+                assert_eq!(gemv.dims(), [m, n]);
+                let rel = rel_err(&gemv, &plain);
+                println!("gemv {dtype:?} n={n} k={k} m={m}: rel {rel:.2e}");
+                assert!(rel < tolerance(dtype), "{dtype:?} n={n} k={k} m={m}: {rel}");
+            }
+        }
+        // A decode step of 1 and of 3 sequences, GEMV on and off.
+        let cfg = small_config(8, 2, 64);
+        let mut logits = Vec::new();
+        for gemv in [true, false] {
+            let opts = ModelOptions {
+                dtype,
+                gemv,
+                ..ModelOptions::default()
+            };
+            let model = LlamaModel::random(cfg.clone(), 7, &dev, opts).unwrap();
+            let spec = KvCacheSpec {
+                block_size: BLOCK_SIZE,
+                budget: KvBudget::Tokens(NUM_BLOCKS * BLOCK_SIZE),
+                dtype: None,
+            };
+            let kv = model.new_kv_cache(&spec).unwrap();
+            let mut pool = kv.allocator();
+            let mut tables: Vec<BlockTable> = (0..3).map(|_| BlockTable::new()).collect();
+            for t in tables.iter_mut() {
+                pool.ensure_capacity(t, 8).unwrap();
+            }
+            let toks: Vec<[u32; 1]> = (0..3).map(|i| [i as u32 * 11 + 5]).collect();
+            for seqs in [1, 3] {
+                let batch = BatchInput::new(
+                    (0..seqs)
+                        .map(|i| SeqChunk {
+                            tokens: &toks[i],
+                            start_pos: seqs - 1,
+                            block_table: &tables[i],
+                            all_logits: false,
+                        })
+                        .collect(),
+                );
+                logits.push(model.forward(&batch, &kv).unwrap().last().unwrap());
+            }
+        }
+        for (i, seqs) in [1, 3].iter().enumerate() {
+            let rel = rel_err(&logits[i], &logits[i + 2]);
+            println!("gemv forward {dtype:?} {seqs} sequences: rel {rel:.2e}");
+            let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+            assert!(rel < tol, "{dtype:?} {seqs} sequences: {rel}");
+        }
+    }
+}
+
 /// Decode steps replayed as CUDA graphs against the same steps run plainly,
 /// each side with its own cache: batch sizes that pad (3 → 4, 5 → 8, 9 →
 /// 16) and contexts that change the graph's warp count, with graphs both

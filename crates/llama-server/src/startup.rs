@@ -112,6 +112,7 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         let model_options = ModelOptions {
             dtype: dtype.dtype(),
             attention,
+            ..ModelOptions::default()
         };
         let started = std::time::Instant::now();
         let (model, text_dir, defaults) = match &source {

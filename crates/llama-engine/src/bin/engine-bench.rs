@@ -59,6 +59,9 @@ struct Args {
     /// (fused, with prompt attention on CUDA cores instead of tensor cores).
     #[arg(long, default_value = "auto")]
     kernels: String,
+    /// Decode projections of up to 4 rows by the weight-streaming CUDA kernel.
+    #[arg(long)]
+    gemv: bool,
     /// Replay decode steps as CUDA graphs, recorded before the first request.
     #[arg(long)]
     cuda_graphs: bool,
@@ -82,6 +85,7 @@ fn main() -> Result<()> {
     let opts = ModelOptions {
         dtype: dtype.dtype(),
         attention: args.kernels.parse().map_err(anyhow::Error::msg)?,
+        gemv: args.gemv,
     };
     let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
     let (model, tok_dir) = match &args.model {

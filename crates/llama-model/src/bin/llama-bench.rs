@@ -54,6 +54,10 @@ struct Args {
     /// KV cache element type: auto (the model's), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     kv_cache_dtype: String,
+    /// Decode projections of up to 4 rows by the weight-streaming CUDA kernel
+    /// instead of cuBLAS.
+    #[arg(long)]
+    gemv: bool,
     /// Replay decode steps as CUDA graphs (recorded before the timed steps).
     #[arg(long)]
     cuda_graphs: bool,
@@ -106,6 +110,7 @@ fn main() -> Result<()> {
             .kernels
             .parse::<AttentionImpl>()
             .map_err(anyhow::Error::msg)?,
+        gemv: args.gemv,
     };
     let (model, shape_name) = match (&args.random_weights, &args.model) {
         (Some(shape), None) => {
@@ -303,6 +308,7 @@ fn main() -> Result<()> {
             "device": args.device,
             "kernels": args.kernels,
             "cuda_graphs": args.cuda_graphs,
+            "gemv": args.gemv,
             "dtype": dtype.to_string(),
             "shape": shape_name,
             "parameters": cfg.num_parameters(),

@@ -29,6 +29,10 @@ struct Args {
     /// Timed repetitions per case (the median is reported).
     #[arg(long, default_value_t = 9)]
     iters: usize,
+    /// "ours" is `Linear::forward_gemv` with the weight-streaming CUDA kernel
+    /// (up to 4 rows) instead of `Linear::forward`.
+    #[arg(long)]
+    gemv: bool,
     /// Also time Candle's matmul (`x.matmul(wᵀ)`) for the same case.
     #[arg(long)]
     baseline: bool,
@@ -79,23 +83,32 @@ fn main() -> Result<()> {
             .iter()
             .map(|w| Linear::dense(w.copy()?))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        // A GPU call takes microseconds: time a run of calls per sample, so
+        // that one synchronisation does not dominate.
+        let calls = if device.is_cpu() { 1 } else { 20 };
         for &m in &args.rows {
             let x = Tensor::randn(0f32, 1.0, (m, k), &device)?.to_dtype(dtype)?;
             let mut turn = 0;
             let ours = median_ms(args.iters, || {
-                turn += 1;
-                linears[turn % copies].forward(&x)?;
+                for _ in 0..calls {
+                    turn += 1;
+                    linears[turn % copies].forward_gemv(&x, args.gemv)?;
+                }
                 device.synchronize()?;
                 Ok(())
-            })?;
+            })? / calls as f64;
             let candle = if args.baseline {
                 let mut turn = 0;
-                Some(median_ms(args.iters, || {
-                    turn += 1;
-                    x.matmul(&ws[turn % copies].t()?)?;
-                    device.synchronize()?;
-                    Ok(())
-                })?)
+                Some(
+                    median_ms(args.iters, || {
+                        for _ in 0..calls {
+                            turn += 1;
+                            x.matmul(&ws[turn % copies].t()?)?;
+                        }
+                        device.synchronize()?;
+                        Ok(())
+                    })? / calls as f64,
+                )
             } else {
                 None
             };

@@ -89,9 +89,11 @@ macro_rules! cuda_op1 {
 // After the macros: textual scoping makes them visible to these modules.
 mod attention;
 pub(crate) mod graphs;
+mod matmul;
 mod pointwise;
 mod sampling;
 
 pub use attention::{paged_attention, StepMeta, StepSeq, MAX_ATTN_WARPS};
+pub use matmul::skinny_matmul;
 pub use pointwise::{add_rms_norm, rope_write_kv, swiglu, NO_SLOT};
 pub use sampling::pick_rows;

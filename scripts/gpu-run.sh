@@ -41,12 +41,12 @@ if [ "${1:-}" = "--pack" ]; then
   mkdir -p "$CARRY"
   for bin in llama-bench engine-bench attention-bench matmul-bench llama-serve; do
     [ -x "target/cuda/release/$bin" ] || continue
-    cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -6 -f "$CARRY/$bin"
+    cp "target/cuda/release/$bin" "$CARRY/$bin" && strip "$CARRY/$bin" && xz -T2 -9 -f "$CARRY/$bin"
   done
   for test in reference kernels; do
     test_bin=$(ls -t target/cuda/release/deps/$test-* 2>/dev/null | grep -v "\.d$" | head -n 1)
     if [ -n "$test_bin" ]; then
-      cp "$test_bin" "$CARRY/$test" && strip "$CARRY/$test" && xz -T2 -6 -f "$CARRY/$test"
+      cp "$test_bin" "$CARRY/$test" && strip "$CARRY/$test" && xz -T2 -9 -f "$CARRY/$test"
     fi
   done
   ls -la "$CARRY"
@@ -57,10 +57,10 @@ if [ "${1:-}" = "--pack-as" ] && [ -n "${2:-}" ]; then
   dir="$CARRY/alt-$2"
   mkdir -p "$dir"
   for bin in llama-bench attention-bench; do
-    cp "target/cuda/release/$bin" "$dir/$bin" && strip "$dir/$bin" && xz -T2 -6 -f "$dir/$bin"
+    cp "target/cuda/release/$bin" "$dir/$bin" && strip "$dir/$bin" && xz -T2 -9 -f "$dir/$bin"
   done
   test_bin=$(ls -t target/cuda/release/deps/kernels-* | grep -v "\.d$" | head -n 1)
-  cp "$test_bin" "$dir/kernels" && strip "$dir/kernels" && xz -T2 -6 -f "$dir/kernels"
+  cp "$test_bin" "$dir/kernels" && strip "$dir/kernels" && xz -T2 -9 -f "$dir/kernels"
   git describe --always --dirty > "$dir/commit"
   ls -la "$dir"
   exit 0

@@ -3,7 +3,7 @@
 #include "common.cuh"
 
 // The slot of a row that must not be cached; must match NO_SLOT in
-// src/cuda_kernels/pointwise.rs.
+// src/decode_graphs.rs.
 #define NO_SLOT 0xFFFFFFFFu
 
 // ---------------------------------------------------------------------------

@@ -42,6 +42,58 @@ pub struct DecodeGraphs(
     #[cfg(not(feature = "cuda"))] std::convert::Infallible,
 );
 
+/// The cache slot of a padding row: its q is rotated, nothing is written to
+/// the cache (NO_SLOT in kernels/pointwise.cuh).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA only; tested everywhere
+pub(crate) const NO_SLOT: u32 = u32::MAX;
+
+/// Most warps of the decode-attention kernel (MAX_ATTN_WARPS).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA only; tested everywhere
+const MAX_WARPS: usize = 8;
+#[cfg(feature = "cuda")]
+const _: () = assert!(MAX_WARPS == crate::cuda_kernels::MAX_ATTN_WARPS);
+
+/// Decode-attention warps of a graph whose longest context is `ctx`: one per
+/// 32 keys as without graphs, rounded up to a power of two so that each
+/// batch size needs at most four graphs.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA only; tested everywhere
+pub(crate) fn graph_warps(ctx: usize) -> usize {
+    ctx.div_ceil(32).next_power_of_two().clamp(1, MAX_WARPS)
+}
+
+/// The host side of a graph step's inputs: `head` holds `max_batch` token
+/// ids, then as many positions, then as many cache slots; `tables` gets the
+/// block table of each real row, padded to `max_blocks`. Rows from
+/// `batch.seqs.len()` to `rows` are padding: token 0 at position 0, not
+/// cached. Every sequence must have one token, and blocks for it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA only; tested everywhere
+pub(crate) fn fill_step_inputs(
+    batch: &BatchInput,
+    rows: usize,
+    block_size: usize,
+    max_blocks: usize,
+    head: &mut [u32],
+    tables: &mut Vec<u32>,
+) {
+    let max_batch = head.len() / 3;
+    let (ids, rest) = head.split_at_mut(max_batch);
+    let (positions, slots) = rest.split_at_mut(max_batch);
+    tables.clear();
+    for (i, s) in batch.seqs.iter().enumerate() {
+        let p = s.start_pos;
+        let blocks = s.block_table.blocks();
+        ids[i] = s.tokens[0];
+        positions[i] = p as u32;
+        slots[i] = blocks[p / block_size] * block_size as u32 + (p % block_size) as u32;
+        let used = blocks.len().min(max_blocks);
+        tables.extend_from_slice(&blocks[..used]);
+        tables.extend(std::iter::repeat_n(0, max_blocks - used));
+    }
+    for i in batch.seqs.len()..rows {
+        (ids[i], positions[i], slots[i]) = (0, 0, NO_SLOT);
+    }
+}
+
 /// The batch a graph is recorded for, for a step of `n` decode tokens: 1, 2,
 /// 4, then multiples of 8 (as vLLM captures), so that a server whose batch
 /// wanders between 1 and 256 needs at most 35 sizes.
@@ -143,7 +195,67 @@ impl LlamaModel {
 
 #[cfg(test)]
 mod tests {
-    use super::graph_batch;
+    use super::{fill_step_inputs, graph_batch, graph_warps, NO_SLOT};
+    use crate::kv::{BlockAllocator, BlockTable};
+    use crate::model::{BatchInput, SeqChunk};
+
+    #[test]
+    fn warps_follow_the_longest_context_in_four_sizes() {
+        let warps: Vec<usize> = [1, 32, 33, 64, 65, 128, 129, 200, 256, 257, 4096]
+            .iter()
+            .map(|&c| graph_warps(c))
+            .collect();
+        assert_eq!(warps, [1, 1, 2, 2, 4, 4, 8, 8, 8, 8, 8]);
+    }
+
+    #[test]
+    fn step_inputs_hold_each_row_and_pad_the_rest() {
+        let block_size = 4;
+        let mut pool = BlockAllocator::new(16, block_size).unwrap();
+        // A spare block first, so the tables are not 0, 1, 2...
+        let mut spare = BlockTable::new();
+        pool.ensure_capacity(&mut spare, 1).unwrap();
+        let mut a = BlockTable::new();
+        let mut b = BlockTable::new();
+        pool.ensure_capacity(&mut a, 6).unwrap(); // two blocks
+        pool.ensure_capacity(&mut b, 1).unwrap();
+        let (ta, tb) = ([7u32], [9u32]);
+        let batch = BatchInput::new(vec![
+            SeqChunk {
+                tokens: &ta,
+                start_pos: 5,
+                block_table: &a,
+                all_logits: false,
+            },
+            SeqChunk {
+                tokens: &tb,
+                start_pos: 0,
+                block_table: &b,
+                all_logits: false,
+            },
+        ]);
+        let (max_batch, max_blocks, rows) = (8, 3, 4);
+        let mut head = vec![u32::MAX - 1; 3 * max_batch];
+        let mut tables = vec![42];
+        fill_step_inputs(&batch, rows, block_size, max_blocks, &mut head, &mut tables);
+        let (ids, positions, slots) = (&head[..8], &head[8..16], &head[16..]);
+        assert_eq!(&ids[..rows], [7, 9, 0, 0]);
+        assert_eq!(&positions[..rows], [5, 0, 0, 0]);
+        let (a0, a1, b0) = (a.blocks()[0], a.blocks()[1], b.blocks()[0]);
+        // Position 5 is the second slot of a's second block.
+        assert_eq!(
+            &slots[..rows],
+            [
+                a1 * block_size as u32 + 1,
+                b0 * block_size as u32,
+                NO_SLOT,
+                NO_SLOT
+            ]
+        );
+        assert_eq!(tables, [a0, a1, 0, b0, 0, 0]);
+        // Rows past the graph's are left alone.
+        assert_eq!(ids[rows], u32::MAX - 1);
+    }
 
     #[test]
     fn batches_round_up_to_a_few_graph_sizes() {

@@ -13,9 +13,9 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
-use super::{StepMeta, MAX_ATTN_WARPS, NO_SLOT};
+use super::StepMeta;
 use crate::attention::{AttentionImpl, AttentionMeta};
-use crate::decode_graphs::{graph_batch, GraphStats};
+use crate::decode_graphs::{fill_step_inputs, graph_batch, graph_warps, GraphStats, NO_SLOT};
 use crate::error::{ModelError, Result};
 use crate::kv::KvCache;
 use crate::model::{BatchInput, LlamaModel, Logits};
@@ -81,15 +81,6 @@ fn device_ptr<T: CudaDType + DeviceRepr>(t: &Tensor, stream: &CudaStream) -> Res
 
 fn driver(e: impl std::fmt::Display) -> ModelError {
     ModelError::Candle(candle_core::Error::Msg(format!("CUDA graph: {e}")))
-}
-
-/// Decode-attention warps of a graph whose longest context is `ctx`: one per
-/// 32 keys as without graphs, rounded up to a power of two so that each
-/// batch size needs at most four graphs.
-fn graph_warps(ctx: usize) -> usize {
-    ctx.div_ceil(32)
-        .next_power_of_two()
-        .clamp(1, MAX_ATTN_WARPS)
 }
 
 impl Graphs {
@@ -242,24 +233,14 @@ impl Graphs {
     /// Copies the step's inputs into the graph buffers; rows `n..rows` are
     /// padding (token 0 at position 0, not cached).
     fn upload(&mut self, batch: &BatchInput, rows: usize) -> Result<()> {
-        let (mb, bs) = (self.max_batch, self.block_size);
-        let (ids, rest) = self.head.split_at_mut(mb);
-        let (positions, slots) = rest.split_at_mut(mb);
-        self.tables.clear();
-        for (i, s) in batch.seqs.iter().enumerate() {
-            let p = s.start_pos;
-            let blocks = s.block_table.blocks();
-            ids[i] = s.tokens[0];
-            positions[i] = p as u32;
-            slots[i] = blocks[p / bs] * bs as u32 + (p % bs) as u32;
-            let used = blocks.len().min(self.max_blocks);
-            self.tables.extend_from_slice(&blocks[..used]);
-            self.tables
-                .extend(std::iter::repeat_n(0, self.max_blocks - used));
-        }
-        for i in batch.seqs.len()..rows {
-            (ids[i], positions[i], slots[i]) = (0, 0, NO_SLOT);
-        }
+        fill_step_inputs(
+            batch,
+            rows,
+            self.block_size,
+            self.max_blocks,
+            &mut self.head,
+            &mut self.tables,
+        );
         self.copy_inputs()
     }
 

@@ -95,5 +95,5 @@ mod sampling;
 
 pub use attention::{paged_attention, StepMeta, StepSeq, MAX_ATTN_WARPS};
 pub use matmul::skinny_matmul;
-pub use pointwise::{add_rms_norm, rope_write_kv, swiglu, NO_SLOT};
+pub use pointwise::{add_rms_norm, rope_write_kv, swiglu};
 pub use sampling::pick_rows;

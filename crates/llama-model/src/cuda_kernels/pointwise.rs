@@ -7,11 +7,6 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-/// The cache slot of a padding row (a CUDA graph's batch is padded up to its
-/// size): its q is rotated, nothing is written to the cache. Must match
-/// NO_SLOT in pointwise.cuh.
-pub const NO_SLOT: u32 = u32::MAX;
-
 /// RoPE on q and k of a fused QKV row, k/v into the cache, rotated q out.
 struct RopeWriteKv<'a> {
     cos: &'a Tensor,

@@ -24,11 +24,11 @@ use crate::model::{BatchInput, LlamaModel, Logits};
 pub struct GraphStats {
     /// Graphs recorded.
     pub captured: usize,
-    /// Steps served by replaying a graph.
+    /// Steps served by replaying a graph (not counting [`DecodeGraphs::prepare`]).
     pub replayed: u64,
-    /// Steps run without a graph: prompt steps, steps larger than the
-    /// largest graph, each graph's warm-up and check, and every step once
-    /// graphs are turned off.
+    /// Steps served without a graph: prompt steps, steps larger than the
+    /// largest graph, a graph's warm-up and check when they come with a
+    /// served step, and every step once graphs are turned off.
     pub eager: u64,
     /// Graphs are off for good (a capture failed or a check disagreed).
     pub disabled: bool,

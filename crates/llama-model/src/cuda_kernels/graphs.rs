@@ -221,7 +221,12 @@ impl Graphs {
             .unwrap_or(1);
         let warps = graph_warps(max_ctx);
         self.upload(batch, rows)?;
-        let values = self.run(model, kv, (n, rows, warps))?;
+        let (values, replayed) = self.run(model, kv, (n, rows, warps))?;
+        if replayed {
+            self.stats.replayed += 1;
+        } else {
+            self.stats.eager += 1;
+        }
         Ok(Logits {
             // Its own buffer: the next replay overwrites the graph's.
             values: fresh_copy(&values.narrow(0, 0, n)?)?,
@@ -314,34 +319,34 @@ impl Graphs {
         model.run_layers(&ids, &positions, &meta, kv, None)
     }
 
+    /// The step over the uploaded inputs, `[rows, vocab]`, and whether a
+    /// graph replay gave it: warms up, records, checks or replays the graph
+    /// of this shape, whichever comes next.
     fn run(
         &mut self,
         model: &LlamaModel,
         kv: &KvCache,
         (n, rows, warps): (usize, usize, usize),
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, bool)> {
         let key = (rows, warps);
         match self.graphs.remove(&key) {
             None => {
-                self.stats.eager += 1;
                 let values = self.run_plain(model, kv, rows, warps)?;
                 self.graphs.insert(key, Entry::WarmedUp);
-                Ok(values)
+                Ok((values, false))
             }
             Some(Entry::WarmedUp) => match self.capture(model, kv, rows, warps) {
                 Ok(graph) => {
                     graph.0.launch().map_err(driver)?;
                     self.stats.captured += 1;
-                    self.stats.replayed += 1;
                     tracing::debug!(rows, warps, "CUDA graph recorded");
                     let checked = false;
                     self.graphs.insert(key, Entry::Recorded { graph, checked });
-                    Ok(self.out.narrow(0, 0, rows)?)
+                    Ok((self.out.narrow(0, 0, rows)?, true))
                 }
                 Err(e) => {
                     self.disable(format!("recording a graph of {rows} rows failed: {e}"));
-                    self.stats.eager += 1;
-                    self.run_plain(model, kv, rows, warps)
+                    Ok((self.run_plain(model, kv, rows, warps)?, false))
                 }
             },
             Some(Entry::Recorded {
@@ -349,10 +354,9 @@ impl Graphs {
                 checked: true,
             }) => {
                 graph.0.launch().map_err(driver)?;
-                self.stats.replayed += 1;
                 let checked = true;
                 self.graphs.insert(key, Entry::Recorded { graph, checked });
-                Ok(self.out.narrow(0, 0, rows)?)
+                Ok((self.out.narrow(0, 0, rows)?, true))
             }
             Some(Entry::Recorded {
                 graph,
@@ -365,7 +369,6 @@ impl Graphs {
                 let replayed = self.out.narrow(0, 0, n)?;
                 let plain = self.run_plain(model, kv, rows, warps)?;
                 let worst = worst_row_error(&replayed, &plain.narrow(0, 0, n)?)?;
-                self.stats.eager += 1;
                 if worst.is_nan() || worst > CHECK_TOLERANCE {
                     self.disable(format!(
                         "the graph of {rows} rows, {warps} attention warps disagrees with the plain forward (worst row error {worst:.3e}, limit {CHECK_TOLERANCE:.0e})"
@@ -374,7 +377,7 @@ impl Graphs {
                     let checked = true;
                     self.graphs.insert(key, Entry::Recorded { graph, checked });
                 }
-                Ok(plain)
+                Ok((plain, false))
             }
         }
     }

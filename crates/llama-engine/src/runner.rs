@@ -78,7 +78,10 @@ impl CandleRunner {
         let t0 = std::time::Instant::now();
         match self.try_record_graphs(max_batch) {
             Ok(None) => {
-                tracing::info!("CUDA graphs asked for, but the model does not run the CUDA kernels")
+                tracing::info!(
+                    "CUDA graphs asked for, but the model does not run the fused CUDA kernels \
+                     (not on a CUDA device, or --kernels generic): steps run without graphs"
+                )
             }
             Err(e) => tracing::warn!("serving without CUDA graphs: recording failed: {e}"),
             Ok(Some(graphs)) => {

@@ -102,23 +102,7 @@ impl CandleRunner {
         let Some(mut graphs) = DecodeGraphs::new(&self.model, &self.kv, max_batch)? else {
             return Ok(None);
         };
-        let max_ctx = self.model.config().max_position_embeddings;
-        let mut sizes: Vec<usize> = (1..=max_batch).map(llama_model::graph_batch).collect();
-        sizes.dedup();
-        for &rows in &sizes {
-            // One graph per power-of-two count of 32-key chunks, up to the
-            // decode kernel's most warps (8: 256 keys).
-            let mut ctx = 32;
-            loop {
-                if !graphs.prepare(&self.model, &self.kv, rows, ctx.min(max_ctx))? {
-                    return Ok(Some(graphs));
-                }
-                if ctx >= max_ctx || ctx >= 256 {
-                    break;
-                }
-                ctx *= 2;
-            }
-        }
+        graphs.prepare_all(&self.model, &self.kv)?;
         Ok(Some(graphs))
     }
 

@@ -48,7 +48,6 @@ pub struct DecodeGraphs(
 pub(crate) const NO_SLOT: u32 = u32::MAX;
 
 /// Most warps of the decode-attention kernel (MAX_ATTN_WARPS).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // CUDA only; tested everywhere
 const MAX_WARPS: usize = 8;
 #[cfg(feature = "cuda")]
 const _: () = assert!(MAX_WARPS == crate::cuda_kernels::MAX_ATTN_WARPS);
@@ -143,6 +142,38 @@ impl DecodeGraphs {
             let _ = (model, kv, n, max_ctx);
             match self.0 {}
         }
+    }
+
+    /// [`DecodeGraphs::prepare`] for every graph a step can replay: each
+    /// batch size up to the largest, each warp bucket up to the model's
+    /// longest context. Returns whether all are ready (false once graphs
+    /// turned themselves off).
+    pub fn prepare_all(&mut self, model: &LlamaModel, kv: &KvCache) -> Result<bool> {
+        let max_ctx = model.config().max_position_embeddings;
+        let mut sizes: Vec<usize> = (1..=self.max_batch()).map(graph_batch).collect();
+        sizes.dedup();
+        let mut contexts: Vec<usize> = (0..=MAX_WARPS.ilog2())
+            .map(|i| (32usize << i).min(max_ctx))
+            .collect();
+        contexts.dedup();
+        for &rows in &sizes {
+            for &ctx in &contexts {
+                if !self.prepare(model, kv, rows, ctx)? {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// The largest batch a graph is recorded for.
+    pub fn max_batch(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.0.max_batch()
+        }
+        #[cfg(not(feature = "cuda"))]
+        match self.0 {}
     }
 
     pub fn stats(&self) -> GraphStats {

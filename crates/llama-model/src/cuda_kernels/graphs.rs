@@ -182,6 +182,10 @@ impl Graphs {
         }
     }
 
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
     pub fn disabled_reason(&self) -> Option<&str> {
         self.disabled.as_deref()
     }

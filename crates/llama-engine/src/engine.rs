@@ -41,6 +41,10 @@ pub struct EngineConfig {
     /// batch size up to `max_num_seqs` (see [`llama_model::DecodeGraphs`]).
     /// Ignored off CUDA.
     pub cuda_graphs: bool,
+    /// Send a step's tokens (detokenization, stop strings, events) while the
+    /// next step runs on the device. `None`: where the runner's steps run
+    /// asynchronously (a GPU); on the CPU a token would wait a step longer.
+    pub overlap: Option<bool>,
 }
 
 /// `draws_on_device` from its user-facing name: `auto` (`None`), `device` or
@@ -66,6 +70,7 @@ impl Default for EngineConfig {
             max_logprobs: 20,
             draws_on_device: None,
             cuda_graphs: false,
+            overlap: None,
         }
     }
 }
@@ -155,7 +160,9 @@ pub fn start_with_runner(
         },
         alloc,
     );
+    let overlap = config.overlap.unwrap_or_else(|| runner.launches_async());
     let mut engine = Engine {
+        overlap,
         runner,
         scheduler,
         hf: Arc::new(tokenizer.hf().clone()),
@@ -198,8 +205,22 @@ struct SeqState {
     generated: usize,
 }
 
+/// A token picked for a sequence, whose detokenization, stop-string check
+/// and events are still to come.
+struct Picked {
+    seq: SeqId,
+    sampled: Sampled,
+    /// EOS or a stop id.
+    ends_by_token: bool,
+    /// What the token alone ends the sequence with (by token or by length);
+    /// a stop string can still end it when its text is sent.
+    finish: Option<FinishReason>,
+}
+
 struct Engine {
     runner: Box<dyn ModelRunner>,
+    /// Send picked tokens while the next step runs (see [`EngineConfig::overlap`]).
+    overlap: bool,
     scheduler: Scheduler,
     tokenizer: Tokenizer,
     /// One shared copy for every sequence's detokenizer.
@@ -221,12 +242,15 @@ impl Engine {
     }
 
     fn run(&mut self) {
+        // Tokens picked by the last step and not yet sent.
+        let mut picked = Vec::new();
         loop {
-            if !self.drain_commands() {
+            if !self.drain_commands(picked.is_empty()) {
                 break;
             }
             self.drop_cancelled_and_expired();
             if !self.scheduler.has_work() {
+                self.send_tokens(&mut picked);
                 // Idle from here on: gauges must show the freed blocks before the loop blocks.
                 self.publish_gauges();
                 continue;
@@ -236,31 +260,50 @@ impl Engine {
             self.after_schedule(&plan);
             plan.picks = self.row_picks(&plan);
             if plan.is_empty() {
+                self.send_tokens(&mut picked);
                 // Nothing fits right now (e.g. blocks held by forks); yield instead of spinning hot.
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 continue;
             }
             let t1 = Instant::now();
-            let result = catch_unwind(AssertUnwindSafe(|| self.runner.step(&plan)))
-                .unwrap_or_else(|panic| Err(panic_message(panic)));
+            let launched = guarded(|| self.runner.launch(&plan));
+            let t_launched = Instant::now();
+            // The device runs the step while the host sends the last one's
+            // tokens. A sequence that a stop string ends here is in the step:
+            // its row is dropped, and its blocks are reused only by a later
+            // step, which runs after this one.
+            if launched.is_ok() {
+                self.send_tokens(&mut picked);
+            }
+            let t_sent = Instant::now();
+            let result = launched.and_then(|()| guarded(|| self.runner.collect()));
             let t2 = Instant::now();
             match result {
-                Ok(output) => self.process_output(&plan, &output),
-                Err(message) => self.fail_step(&plan, &message),
+                Ok(output) => {
+                    picked = self.pick_tokens(&plan, &output);
+                    if !self.overlap {
+                        self.send_tokens(&mut picked);
+                    }
+                }
+                Err(message) => {
+                    self.send_tokens(&mut picked);
+                    self.fail_step(&plan, &message);
+                }
             }
             let t3 = Instant::now();
+            let sending = t_sent - t_launched;
             let s = self.stats();
             s.steps_total.fetch_add(1, Ordering::Relaxed);
             s.schedule_ns
                 .fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
             s.forward_ns
-                .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add((t2 - t1 - sending).as_nanos() as u64, Ordering::Relaxed);
             s.postprocess_ns
-                .fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add((t3 - t2 + sending).as_nanos() as u64, Ordering::Relaxed);
             if plan.num_tokens() == plan.chunks.len() {
                 s.decode_steps_total.fetch_add(1, Ordering::Relaxed);
                 s.decode_forward_ns
-                    .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+                    .fetch_add((t2 - t1 - sending).as_nanos() as u64, Ordering::Relaxed);
                 s.decode_tokens_total
                     .fetch_add(plan.chunks.len() as u64, Ordering::Relaxed);
                 s.decode_step_ns
@@ -270,13 +313,15 @@ impl Engine {
                 .store(self.runner.graph_steps(), Ordering::Relaxed);
             self.publish_gauges();
         }
+        self.send_tokens(&mut picked);
         self.shared.stopped.store(true, Ordering::Release);
         self.fail_all(EngineError::Shutdown);
     }
 
-    /// Takes every queued command; blocks only when there is nothing to do. False = shut down.
-    fn drain_commands(&mut self) -> bool {
-        if !self.scheduler.has_work() {
+    /// Takes every queued command; blocks only when there is nothing to do
+    /// and `may_block`. False = shut down.
+    fn drain_commands(&mut self, may_block: bool) -> bool {
+        if may_block && !self.scheduler.has_work() {
             match self.commands.recv() {
                 Ok(cmd) => {
                     if !self.handle_command(cmd) {
@@ -424,19 +469,23 @@ impl Engine {
         }
     }
 
-    fn process_output(&mut self, plan: &StepPlan, output: &StepOutput) {
+    /// The step's next token for each sequence that samples, appended to it
+    /// so that the next step can be scheduled; sending it comes after.
+    fn pick_tokens(&mut self, plan: &StepPlan, output: &StepOutput) -> Vec<Picked> {
         let (mut sampled, mut host_rows) = (0, 0);
+        let mut picked = Vec::new();
         for chunk in &plan.chunks {
             self.scheduler.mark_computed(chunk.seq, chunk.tokens.len());
             if !chunk.sample {
                 continue;
             }
-            let picked = output.picked(sampled);
+            let id = output.picked(sampled);
             sampled += 1;
-            let host_row = picked.is_none().then(|| {
+            let host_row = id.is_none().then(|| {
                 host_rows += 1;
                 host_rows - 1
             });
+            // Gone since the step was launched: cancelled, or ended by a stop string.
             if !self.seqs.contains_key(&chunk.seq) {
                 continue;
             }
@@ -447,9 +496,10 @@ impl Engine {
                     self.row.clear();
                     self.row.extend_from_slice(output.row(row));
                 }
-                self.pick_and_emit(seq, picked);
+                picked.extend(self.pick(seq, id));
             }
         }
+        picked
     }
 
     /// On the parent's first sampled step, creates the other n-1 choices sharing its prompt KV.
@@ -497,18 +547,13 @@ impl Engine {
     }
 
     /// Picks the next token of `seq_id` (or takes the one the runner already
-    /// picked with its device-side argmax), then runs the stop checks,
-    /// detokenization and the event for it. Samples from `self.row`.
-    fn pick_and_emit(&mut self, seq_id: SeqId, picked: Option<u32>) {
-        let Some(tokens) = self.scheduler.tokens(seq_id) else {
-            return;
-        };
-        let Some(st) = self.seqs.get_mut(&seq_id) else {
-            return;
-        };
-        let Some(r) = self.requests.get(&st.request) else {
-            return;
-        };
+    /// picked), appends it, and ends the sequence in the scheduler if the
+    /// token alone ends it (EOS, a stop id, max_tokens, the context).
+    /// Samples from `self.row`.
+    fn pick(&mut self, seq_id: SeqId, picked: Option<u32>) -> Option<Picked> {
+        let tokens = self.scheduler.tokens(seq_id)?;
+        let st = self.seqs.get_mut(&seq_id)?;
+        let r = self.requests.get(&st.request)?;
         let sampled = match picked {
             Some(id) => Sampled {
                 id,
@@ -524,28 +569,60 @@ impl Engine {
         let token = sampled.id;
         let total_len = tokens.len() + 1;
         st.generated += 1;
-
         let conditions = &r.request.stop;
         let ends_by_token = (!conditions.ignore_eos && self.eos.binary_search(&token).is_ok())
             || conditions.stop_token_ids.contains(&token);
-        let mut finish = None;
+        let finish = if ends_by_token {
+            Some(FinishReason::Stop)
+        } else if st.generated >= conditions.max_tokens || total_len >= self.max_context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        self.shared
+            .stats
+            .generation_tokens_total
+            .fetch_add(1, Ordering::Relaxed);
+        self.scheduler.append_token(seq_id, token);
+        if finish.is_some() {
+            // Its blocks are free for the next step; its state stays until
+            // the token is sent.
+            self.scheduler.remove(seq_id);
+        }
+        Some(Picked {
+            seq: seq_id,
+            sampled,
+            ends_by_token,
+            finish,
+        })
+    }
+
+    fn send_tokens(&mut self, picked: &mut Vec<Picked>) {
+        for p in picked.drain(..) {
+            self.send_token(p);
+        }
+    }
+
+    /// Detokenizes a picked token, runs the stop strings over its text, and
+    /// sends its events; ends the sequence if it is done.
+    fn send_token(&mut self, p: Picked) {
+        let Some(st) = self.seqs.get_mut(&p.seq) else {
+            return;
+        };
+        let Some(r) = self.requests.get(&st.request) else {
+            return;
+        };
+        let mut finish = p.finish;
         let mut stopped_by_string = false;
         let mut text = String::new();
-        if ends_by_token {
-            finish = Some(FinishReason::Stop);
-        } else {
-            let piece = st.detok.push(token);
+        if !p.ends_by_token {
+            let piece = st.detok.push(p.sampled.id);
             let out = st.stop.push(&piece);
             text = out.emit;
             if out.stopped {
                 finish = Some(FinishReason::Stop);
                 stopped_by_string = true;
             }
-        }
-        if finish.is_none()
-            && (st.generated >= conditions.max_tokens || total_len >= self.max_context)
-        {
-            finish = Some(FinishReason::Length);
         }
         if finish.is_some() && !stopped_by_string {
             // Release what the detokenizer and the stop matcher still hold.
@@ -565,17 +642,12 @@ impl Engine {
             completion_tokens: st.generated,
             queue_time: r.queue_time,
         };
-        self.shared
-            .stats
-            .generation_tokens_total
-            .fetch_add(1, Ordering::Relaxed);
-        let logprobs = want_logprobs.then(|| self.logprobs(&sampled));
-        self.scheduler.append_token(seq_id, token);
+        let logprobs = want_logprobs.then(|| self.logprobs(&p.sampled));
         let events = &self.requests[&request_id].events;
-        if !(ends_by_token && text.is_empty()) {
+        if !(p.ends_by_token && text.is_empty()) {
             let _ = events.send(Ok(StreamEvent::Token {
                 index: choice,
-                id: token,
+                id: p.sampled.id,
                 text,
                 logprobs,
             }));
@@ -586,7 +658,7 @@ impl Engine {
                 finish_reason,
                 usage,
             }));
-            self.finish_seq(seq_id);
+            self.finish_seq(p.seq);
         }
     }
 
@@ -669,6 +741,11 @@ impl Engine {
             Ordering::Relaxed,
         );
     }
+}
+
+/// Runs a runner call, turning a panic into the step's error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| Err(panic_message(panic)))
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

@@ -1,8 +1,8 @@
 //! `ModelRunner`: what the engine loop needs from a model, so that the loop
 //! and the scheduler can be tested with a scripted stand-in.
 
-use llama_model::sampling::{pick_rows, RowPick};
-use llama_model::{BatchInput, DecodeGraphs, KvCache, LlamaModel, SeqChunk, Tensor};
+use llama_model::sampling::{pick_rows_lazily, RowPick};
+use llama_model::{BatchInput, DType, DecodeGraphs, KvCache, LlamaModel, SeqChunk, Tensor};
 
 use crate::scheduler::StepPlan;
 
@@ -40,12 +40,32 @@ pub trait ModelRunner: Send {
     fn draws_on_device(&self) -> bool {
         false
     }
-    /// Runs one batched forward for `plan`; returns one logits row per chunk with `sample` set.
-    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
+    /// Whether [`launch`](Self::launch) returns while the device still runs
+    /// the step (a GPU), so that host work done before
+    /// [`collect`](Self::collect) overlaps it.
+    fn launches_async(&self) -> bool {
+        false
+    }
+    /// Starts one batched forward for `plan`; [`collect`](Self::collect)
+    /// returns its output. One step is in flight at a time.
+    fn launch(&mut self, plan: &StepPlan) -> Result<(), String>;
+    /// Waits for the step [`launch`](Self::launch) started: one logits row
+    /// (or pick) per chunk with `sample` set.
+    fn collect(&mut self) -> Result<StepOutput, String>;
     /// Steps served by replaying a CUDA graph so far.
     fn graph_steps(&self) -> u64 {
         0
     }
+}
+
+/// A launched step whose results are still where the model ran.
+struct InFlight {
+    /// Sampling chunks of the step.
+    rows: usize,
+    /// Chunks the runner picked for, and their ids (`[len]` u32).
+    picked: Option<(Vec<usize>, Tensor)>,
+    /// The other sampling chunks' logits, `[len, vocab]`.
+    logits: Option<Tensor>,
 }
 
 /// The real thing: a Candle [`LlamaModel`] and its [`KvCache`].
@@ -54,6 +74,7 @@ pub struct CandleRunner {
     kv: KvCache,
     draws_on_device: bool,
     graphs: Option<DecodeGraphs>,
+    in_flight: Option<InFlight>,
 }
 
 impl CandleRunner {
@@ -66,6 +87,7 @@ impl CandleRunner {
             kv,
             draws_on_device,
             graphs: None,
+            in_flight: None,
         }
     }
 
@@ -114,7 +136,8 @@ impl CandleRunner {
         &self.model
     }
 
-    fn run(&mut self, plan: &StepPlan) -> llama_model::Result<StepOutput> {
+    /// Enqueues the step's work; on a GPU nothing here waits for it.
+    fn start(&mut self, plan: &StepPlan) -> llama_model::Result<InFlight> {
         self.kv.copy_blocks(&plan.copies)?;
         let batch = BatchInput::new(
             plan.chunks
@@ -130,7 +153,6 @@ impl CandleRunner {
         let logits = self
             .model
             .forward_graphed(&batch, &self.kv, self.graphs.as_mut())?;
-        let vocab = self.model.config().vocab_size;
         let rows: Vec<u32> = plan
             .chunks
             .iter()
@@ -138,30 +160,42 @@ impl CandleRunner {
             .filter(|(c, _)| c.sample)
             .map(|(_, &r)| r as u32)
             .collect();
-        if rows.is_empty() {
-            return Ok(StepOutput {
-                vocab,
-                ..StepOutput::default()
-            });
-        }
         // Rows the runner picks, and rows whose logits go back to the engine.
         let pick = |i: usize| plan.picks.get(i).copied().flatten();
         let (on_device, to_host): (Vec<usize>, Vec<usize>) =
             (0..rows.len()).partition(|&i| pick(i).is_some());
-        let mut ids = vec![None; rows.len()];
-        if !on_device.is_empty() {
+        let picked = if on_device.is_empty() {
+            None
+        } else {
             let picks: Vec<RowPick> = on_device.iter().filter_map(|&i| pick(i)).collect();
             let values = select_rows(&logits.values, &rows, &on_device)?;
-            for (&i, id) in on_device.iter().zip(pick_rows(&values, &picks)?) {
+            Some((on_device, pick_rows_lazily(&values, &picks)?))
+        };
+        let logits = if to_host.is_empty() {
+            None
+        } else {
+            Some(select_rows(&logits.values, &rows, &to_host)?)
+        };
+        Ok(InFlight {
+            rows: rows.len(),
+            picked,
+            logits,
+        })
+    }
+
+    /// Reads back what the host needs of a launched step: the step's sync.
+    fn finish(&self, step: InFlight) -> llama_model::Result<StepOutput> {
+        let vocab = self.model.config().vocab_size;
+        let mut ids = Vec::new();
+        if let Some((chunks, picked)) = step.picked {
+            ids = vec![None; step.rows];
+            for (i, id) in chunks.into_iter().zip(picked.to_vec1::<u32>()?) {
                 ids[i] = Some(id);
             }
         }
-        let logits = if to_host.is_empty() {
-            Vec::new()
-        } else {
-            select_rows(&logits.values, &rows, &to_host)?
-                .flatten_all()?
-                .to_vec1()?
+        let logits = match step.logits {
+            Some(l) => l.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            None => Vec::new(),
         };
         Ok(StepOutput { vocab, logits, ids })
     }
@@ -187,8 +221,22 @@ impl ModelRunner for CandleRunner {
         self.draws_on_device
     }
 
-    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
-        self.run(plan).map_err(|e| e.to_string())
+    fn launches_async(&self) -> bool {
+        self.model.device().is_cuda()
+    }
+
+    fn launch(&mut self, plan: &StepPlan) -> Result<(), String> {
+        // A step whose output was never collected is dropped with its tensors.
+        self.in_flight = Some(self.start(plan).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<StepOutput, String> {
+        let step = self
+            .in_flight
+            .take()
+            .ok_or_else(|| "collect without a launched step".to_string())?;
+        self.finish(step).map_err(|e| e.to_string())
     }
 
     fn graph_steps(&self) -> u64 {

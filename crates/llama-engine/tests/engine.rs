@@ -294,6 +294,101 @@ fn stop_strings_end_the_choice_and_never_leak() {
     wait_idle(&handle);
 }
 
+/// A mix of requests, all at once: greedy of several lengths, stop strings
+/// that end a choice mid-step, EOS allowed, a stop token id, logprobs, and
+/// seeded n = 3 sampling.
+fn mixed_requests(tokenizer: &Tokenizer) -> Vec<(GenerateRequest, usize)> {
+    let texts = [
+        "Hello",
+        "The capital of France is",
+        "fn main() {",
+        "Once upon a time, in a land far away,",
+    ];
+    let reference = reference();
+    let answer = reference["prompts"][1]["greedy_text_incremental"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let answer_prompt = ids(&reference["prompts"][1]["prompt_ids"]);
+    let mut out = Vec::new();
+    for i in 0..24usize {
+        let prompt = tokenizer.encode(texts[i % texts.len()], true).unwrap();
+        let mut r = greedy(prompt.clone(), 3 + (i * 5) % 29);
+        let mut n = 1;
+        match i % 6 {
+            1 => {
+                // Ends on a stop string some tokens into the answer.
+                r = greedy(answer_prompt.clone(), 48);
+                let at = answer.len() * (i % 5 + 1) / 7;
+                let at = (at..).find(|&k| answer.is_char_boundary(k)).unwrap();
+                let end = (at + 3..).find(|&k| answer.is_char_boundary(k)).unwrap();
+                r.stop.stop_strings = vec![answer[at..end].to_string()];
+            }
+            2 => r.stop.ignore_eos = false,
+            3 => r.logprobs = Some(2),
+            4 => {
+                r = sampled(prompt, i as u64, 3);
+                n = 3;
+            }
+            5 => r.stop.stop_token_ids = vec![29889, 13],
+            _ => {}
+        }
+        out.push((r, n));
+    }
+    out
+}
+
+#[test]
+fn tokens_sent_while_the_next_step_runs_are_the_same_tokens() {
+    let mut answers = Vec::new();
+    for overlap in [false, true] {
+        let (handle, tokenizer) = engine(EngineConfig {
+            max_num_batched_tokens: 64,
+            kv_cache: KvCacheSpec {
+                block_size: 16,
+                budget: KvBudget::Tokens(16 * 400),
+                dtype: None,
+            },
+            overlap: Some(overlap),
+            ..Default::default()
+        });
+        let requests = mixed_requests(&tokenizer);
+        let gens: Vec<_> = requests
+            .iter()
+            .map(|(r, n)| (handle.submit(r.clone()).unwrap(), *n))
+            .collect();
+        let mut got: Vec<Vec<Choice>> = gens.into_iter().map(|(g, n)| collect(g, n)).collect();
+        // Alone, so that its last token is picked with nothing else to run:
+        // it must still be sent, not wait for another request.
+        let lone = handle
+            .submit(greedy(requests[0].0.prompt.clone(), 5))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(collect(lone, 1)));
+        got.push(
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("the lone request's last token was sent"),
+        );
+        wait_idle(&handle);
+        let s = handle.stats();
+        assert_eq!(
+            s.requests_finished_total,
+            requests.len() as u64 + 1,
+            "{s:?}"
+        );
+        answers.push(got);
+    }
+    let by_stop_string = answers[0]
+        .iter()
+        .flatten()
+        .filter(|c| c.finish == Some(FinishReason::Stop) && !c.text.is_empty())
+        .count();
+    assert!(by_stop_string >= 4, "{by_stop_string} ended by a stop");
+    for (i, (a, b)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert_eq!(a, b, "request {i}");
+    }
+}
+
 #[test]
 fn full_queue_is_refused_and_context_checked() {
     let (handle, tokenizer) = engine(EngineConfig {
@@ -335,7 +430,17 @@ fn full_queue_is_refused_and_context_checked() {
 
 #[test]
 fn thousand_requests_with_cancellations_leak_nothing() {
+    thousand_requests_with_cancellations(false);
+}
+
+#[test]
+fn thousand_requests_with_cancellations_leak_nothing_with_tokens_sent_during_steps() {
+    thousand_requests_with_cancellations(true);
+}
+
+fn thousand_requests_with_cancellations(overlap: bool) {
     let (handle, tokenizer) = engine(EngineConfig {
+        overlap: Some(overlap),
         max_queue: 2000,
         kv_cache: KvCacheSpec {
             block_size: 16,

@@ -14,18 +14,48 @@ const POISON_ERR: u32 = 31_000;
 const POISON_PANIC: u32 = 31_001;
 const VOCAB: usize = 32_000;
 
-/// Always predicts token 500; fails (or panics) when a step carries a poison token.
-struct Flaky;
+/// Always predicts token 500; fails (or panics) when a step carries a poison
+/// token: at launch, or, for a step of more than one sequence, when its
+/// output is collected.
+#[derive(Default)]
+struct Flaky {
+    launched: Option<Result<StepOutput, String>>,
+}
 
 impl ModelRunner for Flaky {
     fn vocab_size(&self) -> usize {
         VOCAB
     }
 
-    fn step(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
+    fn launch(&mut self, plan: &StepPlan) -> Result<(), String> {
+        let output = self.run(plan);
+        if plan.chunks.len() == 1 {
+            output.as_ref().map_err(|e| fail(e.clone()))?;
+        }
+        self.launched = Some(output);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<StepOutput, String> {
+        self.launched.take().expect("a launched step").map_err(fail)
+    }
+}
+
+const CRASH: &str = "simulated kernel crash";
+
+/// A step's error, or its panic.
+fn fail(message: String) -> String {
+    if message == CRASH {
+        panic!("{CRASH}");
+    }
+    message
+}
+
+impl Flaky {
+    fn run(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
         let tokens = || plan.chunks.iter().flat_map(|c| c.tokens.iter().copied());
         if tokens().any(|t| t == POISON_PANIC) {
-            panic!("simulated kernel crash");
+            return Err(CRASH.into());
         }
         if tokens().any(|t| t == POISON_ERR) {
             return Err("simulated device error".into());
@@ -60,16 +90,28 @@ fn run(handle: &llama_engine::EngineHandle, prompt: Vec<u32>) -> Result<usize, E
 
 #[test]
 fn a_failed_or_panicking_step_fails_only_its_requests() {
+    fails_only_its_requests(false);
+}
+
+#[test]
+fn a_failed_or_panicking_step_fails_only_its_requests_with_tokens_sent_during_steps() {
+    fails_only_its_requests(true);
+}
+
+fn fails_only_its_requests(overlap: bool) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
     let tokenizer = Tokenizer::from_model_dir(&dir).unwrap();
     let alloc = BlockAllocator::new(256, 16).unwrap();
     let handle = start_with_runner(
-        Box::new(Flaky),
+        Box::new(Flaky::default()),
         alloc,
         tokenizer,
         vec![2],
         512,
-        EngineConfig::default(),
+        EngineConfig {
+            overlap: Some(overlap),
+            ..EngineConfig::default()
+        },
     )
     .unwrap();
 

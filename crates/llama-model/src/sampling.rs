@@ -43,6 +43,13 @@ impl RowPick {
 
 /// One id per row of `logits: [rows, vocab]`, picked where the logits are.
 pub fn pick_rows(logits: &Tensor, picks: &[RowPick]) -> Result<Vec<u32>> {
+    Ok(pick_rows_lazily(logits, picks)?.to_vec1()?)
+}
+
+/// [`pick_rows`], with the ids left where the logits are (a `[rows]` u32
+/// tensor): on a GPU nothing waits for the step until they are read, so the
+/// host can do other work while it runs.
+pub fn pick_rows_lazily(logits: &Tensor, picks: &[RowPick]) -> Result<Tensor> {
     let (rows, _) = logits.dims2()?;
     if rows != picks.len() {
         return Err(candle_core::Error::Msg(format!(
@@ -52,29 +59,29 @@ pub fn pick_rows(logits: &Tensor, picks: &[RowPick]) -> Result<Vec<u32>> {
         .into());
     }
     if rows == 0 {
-        return Ok(Vec::new());
+        return Ok(Tensor::zeros(0, DType::U32, logits.device())?);
     }
     // Greedy steps (the common case) take Candle's argmax on every device.
     if picks
         .iter()
         .all(|p| p.temperature.is_nan() || p.temperature <= 0.0)
     {
-        return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1()?);
+        return Ok(logits.argmax(candle_core::D::Minus1)?);
     }
     #[cfg(feature = "cuda")]
     if logits.device().is_cuda() {
-        let logits = logits.to_dtype(DType::F32)?;
-        return Ok(crate::cuda_kernels::pick_rows(&logits, picks)?);
+        return Ok(crate::cuda_kernels::pick_rows(logits, picks)?);
     }
     let host = logits
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .to_vec2::<f32>()?;
-    Ok(host
+    let ids: Vec<u32> = host
         .iter()
         .zip(picks)
         .map(|(l, p)| pick_row(l, p))
-        .collect())
+        .collect();
+    Ok(Tensor::from_vec(ids, rows, logits.device())?)
 }
 
 /// Index of the largest logit; ties go to the lowest id, NaN is never

@@ -2,6 +2,8 @@
 //! the engine (scheduler + batched forward + sampling + detokenization), at
 //! several concurrency levels, with the engine's own time breakdown.
 
+mod simulated;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -9,11 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_engine::tokenizer::Tokenizer;
 use llama_engine::{
-    parse_draws_on_device, start_engine, EngineConfig, GenerateRequest, StreamEvent,
+    parse_draws_on_device, start_engine, start_with_runner, EngineConfig, EngineHandle,
+    GenerateRequest, StreamEvent,
 };
 use llama_model::{
-    resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
+    resolve_shape, BlockAllocator, DTypeSpec, DeviceSpec, KvCacheSpec, LlamaModel, ModelOptions,
 };
+use simulated::{DeviceTimes, SimulatedDevice};
 
 #[derive(Parser, Debug)]
 #[command(name = "engine-bench", about = "Engine throughput at concurrency")]
@@ -65,6 +69,15 @@ struct Args {
     /// Replay decode steps as CUDA graphs, recorded before the first request.
     #[arg(long)]
     cuda_graphs: bool,
+    /// Send each step's tokens while the next step runs: auto (where steps
+    /// run asynchronously, a GPU), on or off.
+    #[arg(long, default_value = "auto")]
+    overlap: String,
+    /// No model: a stand-in device taking STEP_MS per step, the first
+    /// LAUNCH_MS of it keeping the host busy (`STEP_MS[,LAUNCH_MS]`), to
+    /// measure the engine's own host work and how much of it overlaps.
+    #[arg(long, value_name = "STEP_MS[,LAUNCH_MS]")]
+    simulate_device: Option<DeviceTimes>,
 
     #[arg(long)]
     json: bool,
@@ -80,24 +93,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = args.device.parse::<DeviceSpec>()?.open()?;
     let dtype = args.dtype.parse::<DTypeSpec>()?;
-    let opts = ModelOptions {
-        dtype: dtype.dtype(),
-        attention: args.kernels.parse().map_err(anyhow::Error::msg)?,
-        gemv: args.gemv,
-    };
-    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama");
-    let (model, tok_dir) = match &args.model {
-        Some(dir) => (LlamaModel::load(dir, &device, opts)?, dir.clone()),
-        None => (
-            LlamaModel::random(resolve_shape(&args.random_weights)?, 1234, &device, opts)?,
-            bundled,
-        ),
-    };
-    let tokenizer = Tokenizer::from_model_dir(args.tokenizer.as_ref().unwrap_or(&tok_dir))
-        .context("tokenizer")?;
-    let budget: KvBudget = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
     let max_conc = *args.concurrency.iter().max().unwrap_or(&1);
     let config = EngineConfig {
         max_num_seqs: max_conc.max(1),
@@ -105,15 +101,24 @@ fn main() -> Result<()> {
         max_queue: max_conc * args.rounds + 16,
         kv_cache: KvCacheSpec {
             block_size: 16,
-            budget,
+            budget: args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?,
             dtype: kv_dtype(&args.kv_cache_dtype)?,
         },
         draws_on_device: parse_draws_on_device(&args.draws)
             .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
         cuda_graphs: args.cuda_graphs,
+        overlap: match args.overlap.as_str() {
+            "auto" => None,
+            "on" => Some(true),
+            "off" => Some(false),
+            other => bail!("--overlap: auto, on or off, not {other:?}"),
+        },
         ..Default::default()
     };
-    let handle = start_engine(model, tokenizer, config)?;
+    let handle = match args.simulate_device {
+        Some(times) => simulated_engine(&args, times, max_conc, config)?,
+        None => model_engine(&args, dtype, config)?,
+    };
     if args.prompt_len + args.gen > handle.max_context() {
         bail!(
             "prompt + gen exceeds the context of {}",
@@ -236,7 +241,7 @@ fn main() -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "cuda_graphs": args.cuda_graphs, "results": rows})
+            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "cuda_graphs": args.cuda_graphs, "overlap": args.overlap, "simulated_device": args.simulate_device.map(|t| [t.step.as_secs_f64() * 1000.0, t.launch.as_secs_f64() * 1000.0]), "results": rows})
         );
     } else {
         println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | preemptions | graph steps |");
@@ -260,6 +265,54 @@ fn main() -> Result<()> {
     }
     handle.shutdown();
     Ok(())
+}
+
+fn model_engine(args: &Args, dtype: DTypeSpec, config: EngineConfig) -> Result<EngineHandle> {
+    let device = args.device.parse::<DeviceSpec>()?.open()?;
+    let opts = ModelOptions {
+        dtype: dtype.dtype(),
+        attention: args.kernels.parse().map_err(anyhow::Error::msg)?,
+        gemv: args.gemv,
+    };
+    let (model, tok_dir) = match &args.model {
+        Some(dir) => (LlamaModel::load(dir, &device, opts)?, dir.clone()),
+        None => (
+            LlamaModel::random(resolve_shape(&args.random_weights)?, 1234, &device, opts)?,
+            bundled_model_dir(),
+        ),
+    };
+    let tokenizer = Tokenizer::from_model_dir(args.tokenizer.as_ref().unwrap_or(&tok_dir))
+        .context("tokenizer")?;
+    Ok(start_engine(model, tokenizer, config)?)
+}
+
+fn simulated_engine(
+    args: &Args,
+    times: DeviceTimes,
+    max_conc: usize,
+    config: EngineConfig,
+) -> Result<EngineHandle> {
+    let tokenizer =
+        Tokenizer::from_model_dir(args.tokenizer.as_ref().unwrap_or(&bundled_model_dir()))
+            .context("tokenizer")?;
+    let block_size = config.kv_cache.block_size;
+    let max_context = args.prompt_len + args.gen + 1;
+    // Every request of a level at once, plus the warm-up's.
+    let blocks = (max_conc + 1) * max_context.div_ceil(block_size);
+    let runner = SimulatedDevice::new(tokenizer.vocab_size(), times);
+    let eos = tokenizer.eos_id().into_iter().collect();
+    Ok(start_with_runner(
+        Box::new(runner),
+        BlockAllocator::new(blocks, block_size)?,
+        tokenizer,
+        eos,
+        max_context,
+        config,
+    )?)
+}
+
+fn bundled_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
 }
 
 fn kv_dtype(name: &str) -> Result<Option<llama_model::DType>> {

@@ -180,6 +180,23 @@ if step "engine-bench $SHAPE $DTYPE on $DEVICE at $ENGINE_LEVELS concurrent, KV 
     > "$OUT/engine.json" 2> "$OUT/engine.log" || { status=1; tail -n 5 "$OUT/engine.log"; }
 fi
 
+# The "before" of sending a step's tokens while the next one runs (on by
+# default on a GPU): each step's tokens sent before the next is scheduled.
+if step "engine-bench at ${ENGINE_LEVELS%%,*} concurrent with --overlap off"; then
+  timeout 90 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$KERNELS" --overlap off \
+    --tokenizer models/tiny-llama --concurrency "${ENGINE_LEVELS%%,*}" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
+    > "$OUT/engine-no-overlap.json" 2> "$OUT/engine-no-overlap.log" || { status=1; tail -n 5 "$OUT/engine-no-overlap.log"; }
+fi
+# The engine's host work on this machine's CPU, with no model: a stand-in
+# device taking stop 11's batch-64 step (7.1 ms, of which the host spends
+# 3.2 ms submitting), tokens sent after each step and during the next.
+if step "engine-bench on a simulated device (7.1 ms steps, 3.2 ms of launch)"; then
+  for o in off on; do
+    timeout 60 "$BIN/engine-bench" --simulate-device 7.1,3.2 --overlap "$o" --concurrency "$ENGINE_LEVELS" --prompt-len 128 --gen 128 \
+      --max-num-batched-tokens 2048 --json > "$OUT/engine-simulated-$o.json" 2> "$OUT/engine-simulated-$o.log" || { status=1; tail -n 5 "$OUT/engine-simulated-$o.log"; }
+  done
+fi
+
 if [ "$GRAPHS" = 1 ] && step "engine-bench with CUDA graphs at $ENGINE_LEVELS concurrent"; then
   timeout 150 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$KERNELS" --cuda-graphs \
     --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
@@ -286,6 +303,8 @@ graphs = maybe("bench-graphs.json")
 gemv, gemv_graphs = maybe("bench-gemv.json"), maybe("bench-gemv-graphs.json")
 engine_graphs = load("engine-graphs.json") if os.path.exists(os.path.join(out, "engine-graphs.json")) else None
 sampled = load("engine-sampled.json")
+no_overlap = maybe("engine-no-overlap.json")
+simulated = {o: maybe(f"engine-simulated-{o}.json") for o in ("off", "on")}
 hf = load("transformers.json") if os.path.exists(os.path.join(out, "transformers.json")) else None
 att, att_before = load("attention-auto.json"), load("attention-cuda-cores.json")
 if att:
@@ -370,7 +389,9 @@ if engine:
     print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in engine["results"] + [dict(r, concurrency=f"{r['concurrency']} sampled") for r in (sampled or {}).get("results", [])] \
-            + [dict(r, concurrency=f"{r['concurrency']} graphs ({r.get('graph_steps', 0)} steps replayed)") for r in (engine_graphs or {}).get("results", [])]:
+            + [dict(r, concurrency=f"{r['concurrency']} graphs ({r.get('graph_steps', 0)} steps replayed)") for r in (engine_graphs or {}).get("results", [])] \
+            + [dict(r, concurrency=f"{r['concurrency']} --overlap off") for r in (no_overlap or {}).get("results", [])] \
+            + [dict(r, concurrency=f"{r['concurrency']} simulated device, overlap {o}") for o, run in simulated.items() for r in (run or {}).get("results", [])]:
         print(f"| {r['concurrency']} | {r['output_tok_s']:.1f} | {r.get('decode_tok_s', float('nan')):.1f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['ms_per_step']:.2f} | {r['engine_overhead_pct']:.2f} | {r['preemptions']} | {r['kv_blocks_used_after']} / {r['kv_blocks_total']} |")
     if fused:
         shortest = min(r["prompt_len"] for r in fused["results"])
@@ -378,10 +399,13 @@ if engine:
         top = max(b)
         # Graphs against graphs: the engine with graphs over the bench with graphs.
         bg = {r["batch"]: r for r in (graphs or {}).get("results", [])}
-        for r in engine["results"] + [dict(r, graphs=True) for r in (engine_graphs or {}).get("results", [])]:
+        runs = [(r, "") for r in engine["results"]] \
+            + [(dict(r, graphs=True), " with CUDA graphs") for r in (engine_graphs or {}).get("results", [])] \
+            + [(r, " with --overlap off") for r in (no_overlap or {}).get("results", [])]
+        for r, label in runs:
             ref = bg.get(top, b[top]) if r.get("graphs") else b[top]
             if r["concurrency"] == top:
-                print(f"\nengine{' with CUDA graphs' if r.get('graphs') else ''} at {top} concurrent = {100 * r['output_tok_s'] / ref['decode_tok_s']:.0f}% of the bench's batch-{top} decode{' with graphs' if r.get('graphs') and top in bg else ''} (whole run, prefill included); "
+                print(f"\nengine{label} at {top} concurrent = {100 * r['output_tok_s'] / ref['decode_tok_s']:.0f}% of the bench's batch-{top} decode{' with graphs' if r.get('graphs') and top in bg else ''} (whole run, prefill included); "
                       f"its decode-only steps = {100 * r.get('decode_tok_s', 0) / ref['decode_tok_s']:.0f}%")
 PY
 # The device tool brings back only a few files: every log and JSON in one archive.

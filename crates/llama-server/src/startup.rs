@@ -41,15 +41,8 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
         };
     }
     if let Some(name) = &settings.kv_cache_dtype {
-        engine.kv_cache.dtype = match name.trim() {
-            "auto" => None,
-            other => Some(
-                other
-                    .parse::<DTypeSpec>()
-                    .map_err(|e| anyhow::anyhow!("--kv-cache-dtype: {e} (auto, f32, f16 or bf16)"))?
-                    .dtype(),
-            ),
-        };
+        engine.kv_cache.dtype =
+            KvCacheSpec::parse_dtype(name).map_err(|e| anyhow::anyhow!("--kv-cache-dtype: {e}"))?;
     }
     if let Some(name) = &settings.sampling {
         engine.draws_on_device =

@@ -142,7 +142,8 @@ fn main() -> Result<()> {
     let spec = KvCacheSpec {
         block_size,
         budget: KvBudget::Tokens(max_batch * blocks_per_seq * block_size),
-        dtype: kv_dtype(&args.kv_cache_dtype)?,
+        dtype: KvCacheSpec::parse_dtype(&args.kv_cache_dtype)
+            .map_err(|e| anyhow::anyhow!("--kv-cache-dtype: {e}"))?,
     };
     let kv = model.new_kv_cache(&spec)?;
     let mut alloc = kv.allocator();
@@ -355,11 +356,4 @@ fn print_profile(title: &str, stages: &[(&'static str, f64)]) {
             100.0 * ms / total.max(1e-9)
         );
     }
-}
-
-fn kv_dtype(name: &str) -> Result<Option<llama_model::DType>> {
-    Ok(match name {
-        "auto" => None,
-        other => Some(other.parse::<DTypeSpec>()?.dtype()),
-    })
 }

@@ -92,6 +92,20 @@ pub struct KvCacheSpec {
     pub dtype: Option<DType>,
 }
 
+impl KvCacheSpec {
+    /// The user-facing name of [`KvCacheSpec::dtype`]: `auto` (the model's),
+    /// or a dtype name (`f32`, `f16`, `bf16`, ...).
+    pub fn parse_dtype(name: &str) -> std::result::Result<Option<DType>, String> {
+        match name.trim() {
+            "auto" => Ok(None),
+            other => other
+                .parse::<crate::DTypeSpec>()
+                .map(|d| Some(d.dtype()))
+                .map_err(|e| format!("{e} (auto, f32, f16 or bf16)")),
+        }
+    }
+}
+
 impl Default for KvCacheSpec {
     fn default() -> Self {
         Self {

@@ -102,7 +102,8 @@ fn main() -> Result<()> {
         kv_cache: KvCacheSpec {
             block_size: 16,
             budget: args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?,
-            dtype: kv_dtype(&args.kv_cache_dtype)?,
+            dtype: KvCacheSpec::parse_dtype(&args.kv_cache_dtype)
+                .map_err(|e| anyhow::anyhow!("--kv-cache-dtype: {e}"))?,
         },
         draws_on_device: parse_draws_on_device(&args.draws)
             .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
@@ -313,11 +314,4 @@ fn simulated_engine(
 
 fn bundled_model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
-}
-
-fn kv_dtype(name: &str) -> Result<Option<llama_model::DType>> {
-    Ok(match name {
-        "auto" => None,
-        other => Some(other.parse::<DTypeSpec>()?.dtype()),
-    })
 }

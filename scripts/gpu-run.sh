@@ -388,13 +388,13 @@ for path in sorted(glob.glob(os.path.join(out, "alt-*-attention.json"))):
             if k in ref:
                 print(f"| {r['batch']} | {ref[k]:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / ref[k]:.3f} |")
 if engine:
-    print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | preemptions | KV blocks used after / total |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | sent during step ms | preemptions | KV blocks used after / total |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in engine["results"] + [dict(r, concurrency=f"{r['concurrency']} sampled") for r in (sampled or {}).get("results", [])] \
             + [dict(r, concurrency=f"{r['concurrency']} graphs ({r.get('graph_steps', 0)} steps replayed)") for r in (engine_graphs or {}).get("results", [])] \
             + [dict(r, concurrency=f"{r['concurrency']} --overlap off") for r in (no_overlap or {}).get("results", [])] \
             + [dict(r, concurrency=f"{r['concurrency']} simulated device, overlap {o}") for o, run in simulated.items() for r in (run or {}).get("results", [])]:
-        print(f"| {r['concurrency']} | {r['output_tok_s']:.1f} | {r.get('decode_tok_s', float('nan')):.1f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['ms_per_step']:.2f} | {r['engine_overhead_pct']:.2f} | {r['preemptions']} | {r['kv_blocks_used_after']} / {r['kv_blocks_total']} |")
+        print(f"| {r['concurrency']} | {r['output_tok_s']:.1f} | {r.get('decode_tok_s', float('nan')):.1f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['ms_per_step']:.2f} | {r['engine_overhead_pct']:.2f} | {r.get('sent_during_step_ms_per_step', 0):.2f} | {r['preemptions']} | {r['kv_blocks_used_after']} / {r['kv_blocks_total']} |")
     if fused:
         shortest = min(r["prompt_len"] for r in fused["results"])
         b = {r["batch"]: r for r in fused["results"] if r["prompt_len"] == shortest}

@@ -291,19 +291,20 @@ impl Engine {
                 }
             }
             let t3 = Instant::now();
-            let sending = t_sent - t_launched;
             let s = self.stats();
             s.steps_total.fetch_add(1, Ordering::Relaxed);
             s.schedule_ns
                 .fetch_add((t1 - t0).as_nanos() as u64, Ordering::Relaxed);
             s.forward_ns
-                .fetch_add((t2 - t1 - sending).as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+            s.sent_during_step_ns
+                .fetch_add((t_sent - t_launched).as_nanos() as u64, Ordering::Relaxed);
             s.postprocess_ns
-                .fetch_add((t3 - t2 + sending).as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add((t3 - t2).as_nanos() as u64, Ordering::Relaxed);
             if plan.num_tokens() == plan.chunks.len() {
                 s.decode_steps_total.fetch_add(1, Ordering::Relaxed);
                 s.decode_forward_ns
-                    .fetch_add((t2 - t1 - sending).as_nanos() as u64, Ordering::Relaxed);
+                    .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
                 s.decode_tokens_total
                     .fetch_add(plan.chunks.len() as u64, Ordering::Relaxed);
                 s.decode_step_ns

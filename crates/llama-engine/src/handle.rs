@@ -39,10 +39,16 @@ pub struct EngineStats {
     pub requests_failed_total: AtomicU64,
     pub steps_total: AtomicU64,
     pub step_failures_total: AtomicU64,
-    /// Time spent in the engine loop's phases, for the overhead breakdown.
+    /// Time spent in the engine loop's phases, for the overhead breakdown:
+    /// they add up to the loop's wall time. `forward` runs from the step's
+    /// launch to its output, so it includes the host work done while the
+    /// device runs the step (`sent_during_step_ns`, see
+    /// [`EngineConfig::overlap`](crate::EngineConfig::overlap)); schedule and
+    /// postprocess are the host time the device waits on.
     pub schedule_ns: AtomicU64,
     pub forward_ns: AtomicU64,
     pub postprocess_ns: AtomicU64,
+    pub sent_during_step_ns: AtomicU64,
     /// Steps with no prompt token (every chunk one decode token), and their
     /// forward time: the rest of the forward time went to prompts.
     pub decode_steps_total: AtomicU64,
@@ -73,6 +79,7 @@ pub struct StatsSnapshot {
     pub schedule_ns: u64,
     pub forward_ns: u64,
     pub postprocess_ns: u64,
+    pub sent_during_step_ns: u64,
     pub decode_steps_total: u64,
     pub decode_forward_ns: u64,
     pub decode_tokens_total: u64,
@@ -99,6 +106,7 @@ impl EngineStats {
             schedule_ns: self.schedule_ns.load(r),
             forward_ns: self.forward_ns.load(r),
             postprocess_ns: self.postprocess_ns.load(r),
+            sent_during_step_ns: self.sent_during_step_ns.load(r),
             decode_steps_total: self.decode_steps_total.load(r),
             decode_forward_ns: self.decode_forward_ns.load(r),
             decode_tokens_total: self.decode_tokens_total.load(r),

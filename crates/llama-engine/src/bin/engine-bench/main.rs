@@ -220,7 +220,10 @@ fn main() -> Result<()> {
             "ttft_ms_p99": percentile(&ttft, 0.99),
             "steps": steps,
             "ms_per_step": step_ns as f64 / 1e6 / steps.max(1) as f64,
+            // Host time the device waits on (schedule, pick, and sending
+            // when not overlapped), and host time hidden behind the device.
             "engine_overhead_pct": 100.0 * overhead_ns as f64 / step_ns.max(1) as f64,
+            "sent_during_step_ms_per_step": (after.sent_during_step_ns - before.sent_during_step_ns) as f64 / 1e6 / steps.max(1) as f64,
             // Where the forward time went: steps carrying prompt tokens, and
             // decode-only steps (with their mean batch).
             "prompt_steps_s": prompt_ns as f64 / 1e9,
@@ -245,11 +248,11 @@ fn main() -> Result<()> {
             serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "cuda_graphs": args.cuda_graphs, "overlap": args.overlap, "simulated_device": args.simulate_device.map(|t| [t.step.as_secs_f64() * 1000.0, t.launch.as_secs_f64() * 1000.0]), "results": rows})
         );
     } else {
-        println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | preemptions | graph steps |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | sent during step ms | preemptions | graph steps |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {} | {} |",
+                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {} | {} |",
                 r["concurrency"],
                 r["output_tok_s"].as_f64().unwrap(),
                 r["decode_tok_s"].as_f64().unwrap(),
@@ -259,6 +262,7 @@ fn main() -> Result<()> {
                 r["prompt_steps_s"].as_f64().unwrap(),
                 r["decode_ms_per_step"].as_f64().unwrap(),
                 r["engine_overhead_pct"].as_f64().unwrap(),
+                r["sent_during_step_ms_per_step"].as_f64().unwrap(),
                 r["preemptions"],
                 r["graph_steps"]
             );

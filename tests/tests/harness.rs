@@ -25,10 +25,25 @@ async fn plain_kernels_answer_as_the_fused_ones() {
         "temperature": 0,
     });
     let mut answers = Vec::new();
-    // CUDA graphs asked for on the CPU: nothing to record, the same answer.
+    // CUDA graphs asked for on the CPU: nothing to record, the same answer;
+    // tokens sent while the next step runs (forced on the CPU): the same answer.
     for args in [
-        ["--kernels", "auto", "--cuda-graphs", "on"],
-        ["--kernels", "generic", "--cuda-graphs", "off"],
+        [
+            "--kernels",
+            "auto",
+            "--cuda-graphs",
+            "on",
+            "--overlap",
+            "auto",
+        ],
+        [
+            "--kernels",
+            "generic",
+            "--cuda-graphs",
+            "off",
+            "--overlap",
+            "on",
+        ],
     ] {
         let mut server = Server::builder().args(args).start().await.unwrap();
         let reply = server
@@ -67,6 +82,15 @@ async fn plain_kernels_answer_as_the_fused_ones() {
         .expect("--cuda-graphs yes must stop the server")
         .to_string();
     assert!(err.contains("--cuda-graphs: on or off"), "{err}");
+
+    let err = Server::builder()
+        .args(["--overlap", "maybe"])
+        .start()
+        .await
+        .err()
+        .expect("--overlap maybe must stop the server")
+        .to_string();
+    assert!(err.contains("--overlap: auto, on or off"), "{err}");
 
     let err = Server::builder()
         .args(["--kernels", "flash"])

@@ -51,11 +51,21 @@ pub struct EngineConfig {
 /// `host`; the one parser behind the server's `--sampling` and engine-bench's
 /// `--draws`.
 pub fn parse_draws_on_device(name: &str) -> Result<Option<bool>, String> {
+    parse_auto_choice(name, "device", "host")
+}
+
+/// [`EngineConfig::overlap`] from its user-facing name: `auto` (`None`), `on`
+/// or `off`; behind the server's and engine-bench's `--overlap`.
+pub fn parse_overlap(name: &str) -> Result<Option<bool>, String> {
+    parse_auto_choice(name, "on", "off")
+}
+
+fn parse_auto_choice(name: &str, yes: &str, no: &str) -> Result<Option<bool>, String> {
     match name.trim() {
         "auto" => Ok(None),
-        "device" => Ok(Some(true)),
-        "host" => Ok(Some(false)),
-        other => Err(format!("auto, device or host, not {other:?}")),
+        n if n == yes => Ok(Some(true)),
+        n if n == no => Ok(Some(false)),
+        other => Err(format!("auto, {yes} or {no}, not {other:?}")),
     }
 }
 

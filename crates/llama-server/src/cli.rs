@@ -89,6 +89,13 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_CUDA_GRAPHS")]
     pub cuda_graphs: Option<String>,
 
+    /// auto, on or off [default: auto]: detokenize, check stop strings and
+    /// send each step's tokens while the device runs the next step. auto:
+    /// on a GPU, where steps run asynchronously; on the CPU a token would
+    /// only wait a step longer.
+    #[arg(long, env = "LLAMA_SERVE_OVERLAP")]
+    pub overlap: Option<String>,
+
     /// Most sequences running in one step.
     #[arg(long, env = "LLAMA_SERVE_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -154,6 +161,7 @@ pub struct FileConfig {
     pub kv_cache_dtype: Option<String>,
     pub sampling: Option<String>,
     pub cuda_graphs: Option<String>,
+    pub overlap: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,

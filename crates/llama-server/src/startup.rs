@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use llama_engine::{parse_draws_on_device, start_engine, EngineConfig};
+use llama_engine::{parse_draws_on_device, parse_overlap, start_engine, EngineConfig};
 use llama_model::attention::AttentionImpl;
 use llama_model::{
     resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
@@ -47,6 +47,9 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
     if let Some(name) = &settings.sampling {
         engine.draws_on_device =
             parse_draws_on_device(name).map_err(|e| anyhow::anyhow!("--sampling: {e}"))?;
+    }
+    if let Some(name) = &settings.overlap {
+        engine.overlap = parse_overlap(name).map_err(|e| anyhow::anyhow!("--overlap: {e}"))?;
     }
     if let Some(name) = &settings.cuda_graphs {
         engine.cuda_graphs = match name.trim() {
@@ -204,6 +207,22 @@ mod tests {
         assert!(err.contains("--sampling"), "{err}");
         let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
         assert_eq!(default.draws_on_device, None);
+    }
+
+    #[test]
+    fn overlap_is_parsed_and_checked() {
+        let with = |name: &str| {
+            let mut config = ServerConfig::default();
+            config.engine.overlap = Some(name.into());
+            engine_config(&config, DeviceSpec::Cpu)
+        };
+        assert_eq!(with("auto").unwrap().overlap, None);
+        assert_eq!(with("on").unwrap().overlap, Some(true));
+        assert_eq!(with(" off ").unwrap().overlap, Some(false));
+        let err = with("yes").unwrap_err().to_string();
+        assert!(err.starts_with("--overlap: auto, on or off"), "{err}");
+        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        assert_eq!(default.overlap, None);
     }
 
     #[test]

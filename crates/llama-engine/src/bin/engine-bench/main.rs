@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_engine::tokenizer::Tokenizer;
 use llama_engine::{
-    parse_draws_on_device, start_engine, start_with_runner, EngineConfig, EngineHandle,
-    GenerateRequest, StreamEvent,
+    parse_draws_on_device, parse_overlap, start_engine, start_with_runner, EngineConfig,
+    EngineHandle, GenerateRequest, StreamEvent,
 };
 use llama_model::{
     resolve_shape, BlockAllocator, DTypeSpec, DeviceSpec, KvCacheSpec, LlamaModel, ModelOptions,
@@ -108,12 +108,7 @@ fn main() -> Result<()> {
         draws_on_device: parse_draws_on_device(&args.draws)
             .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
         cuda_graphs: args.cuda_graphs,
-        overlap: match args.overlap.as_str() {
-            "auto" => None,
-            "on" => Some(true),
-            "off" => Some(false),
-            other => bail!("--overlap: auto, on or off, not {other:?}"),
-        },
+        overlap: parse_overlap(&args.overlap).map_err(|e| anyhow::anyhow!("--overlap: {e}"))?,
         ..Default::default()
     };
     let handle = match args.simulate_device {

@@ -696,10 +696,12 @@ impl Engine {
         };
         r.live_seqs.retain(|&s| s != seq_id);
         if r.live_seqs.is_empty() && r.pending_forks == 0 {
-            self.requests.remove(&st.request);
+            // Counted before its event channel closes: a client that saw
+            // its stream end then sees the request counted.
             self.stats()
                 .requests_finished_total
                 .fetch_add(1, Ordering::Relaxed);
+            self.requests.remove(&st.request);
         }
     }
 

@@ -74,34 +74,27 @@ async fn plain_kernels_answer_as_the_fused_ones() {
     }
     assert_eq!(answers[0], answers[1]);
 
-    let err = Server::builder()
-        .args(["--cuda-graphs", "yes"])
-        .start()
-        .await
-        .err()
-        .expect("--cuda-graphs yes must stop the server")
-        .to_string();
+    let err = startup_error(&["--cuda-graphs", "yes"]).await;
     assert!(err.contains("--cuda-graphs: on or off"), "{err}");
 
-    let err = Server::builder()
-        .args(["--overlap", "maybe"])
-        .start()
-        .await
-        .err()
-        .expect("--overlap maybe must stop the server")
-        .to_string();
+    let err = startup_error(&["--overlap", "maybe"]).await;
     assert!(err.contains("--overlap: auto, on or off"), "{err}");
 
-    let err = Server::builder()
-        .args(["--kernels", "flash"])
-        .start()
-        .await
-        .err()
-        .expect("--kernels flash must stop the server")
-        .to_string();
+    let err = startup_error(&["--kernels", "flash"]).await;
     assert!(err.contains("exited before listening"), "{err}");
     assert!(
         err.contains("--kernels: auto, generic or cuda-cores"),
         "{err}"
     );
+}
+
+/// What the server said when it refused to start with `args`.
+async fn startup_error(args: &[&str]) -> String {
+    Server::builder()
+        .args(args.iter().copied())
+        .start()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{args:?} must stop the server"))
+        .to_string()
 }

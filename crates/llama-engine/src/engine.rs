@@ -220,11 +220,17 @@ struct SeqState {
 struct Picked {
     seq: SeqId,
     sampled: Sampled,
-    /// EOS or a stop id.
-    ends_by_token: bool,
-    /// What the token alone ends the sequence with (by token or by length);
-    /// a stop string can still end it when its text is sent.
+    /// What the token alone ends the sequence with: `Stop` for EOS or a stop
+    /// id, `Length` for max_tokens or the context. A stop string can still
+    /// end it when its text is sent.
     finish: Option<FinishReason>,
+}
+
+impl Picked {
+    /// An EOS or stop id: ends the sequence, and has no text of its own.
+    fn ends_by_token(&self) -> bool {
+        self.finish == Some(FinishReason::Stop)
+    }
 }
 
 struct Engine {
@@ -290,7 +296,7 @@ impl Engine {
             let t2 = Instant::now();
             match result {
                 Ok(output) => {
-                    picked = self.pick_tokens(&plan, &output);
+                    self.pick_tokens(&plan, &output, &mut picked);
                     if !self.overlap {
                         self.send_tokens(&mut picked);
                     }
@@ -481,10 +487,9 @@ impl Engine {
     }
 
     /// The step's next token for each sequence that samples, appended to it
-    /// so that the next step can be scheduled; sending it comes after.
-    fn pick_tokens(&mut self, plan: &StepPlan, output: &StepOutput) -> Vec<Picked> {
+    /// so that the next step can be scheduled, and into `picked` to be sent.
+    fn pick_tokens(&mut self, plan: &StepPlan, output: &StepOutput, picked: &mut Vec<Picked>) {
         let (mut sampled, mut host_rows) = (0, 0);
-        let mut picked = Vec::new();
         for chunk in &plan.chunks {
             self.scheduler.mark_computed(chunk.seq, chunk.tokens.len());
             if !chunk.sample {
@@ -510,7 +515,6 @@ impl Engine {
                 picked.extend(self.pick(seq, id));
             }
         }
-        picked
     }
 
     /// On the parent's first sampled step, creates the other n-1 choices sharing its prompt KV.
@@ -603,7 +607,6 @@ impl Engine {
         Some(Picked {
             seq: seq_id,
             sampled,
-            ends_by_token,
             finish,
         })
     }
@@ -626,7 +629,7 @@ impl Engine {
         let mut finish = p.finish;
         let mut stopped_by_string = false;
         let mut text = String::new();
-        if !p.ends_by_token {
+        if !p.ends_by_token() {
             let piece = st.detok.push(p.sampled.id);
             let out = st.stop.push(&piece);
             text = out.emit;
@@ -655,7 +658,7 @@ impl Engine {
         };
         let logprobs = want_logprobs.then(|| self.logprobs(&p.sampled));
         let events = &self.requests[&request_id].events;
-        if !(p.ends_by_token && text.is_empty()) {
+        if !(p.ends_by_token() && text.is_empty()) {
             let _ = events.send(Ok(StreamEvent::Token {
                 index: choice,
                 id: p.sampled.id,

@@ -2,7 +2,7 @@
 //! and the scheduler can be tested with a scripted stand-in.
 
 use llama_model::sampling::{pick_rows_lazily, RowPick};
-use llama_model::{BatchInput, DType, DecodeGraphs, KvCache, LlamaModel, SeqChunk, Tensor};
+use llama_model::{BatchInput, DecodeGraphs, KvCache, LlamaModel, SeqChunk, Tensor};
 
 use crate::scheduler::StepPlan;
 
@@ -194,7 +194,7 @@ impl CandleRunner {
             }
         }
         let logits = match step.logits {
-            Some(l) => l.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            Some(l) => l.flatten_all()?.to_vec1()?,
             None => Vec::new(),
         };
         Ok(StepOutput { vocab, logits, ids })

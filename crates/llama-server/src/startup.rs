@@ -169,10 +169,18 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
 mod tests {
     use super::*;
 
-    fn with_kv_dtype(name: &str) -> anyhow::Result<EngineConfig> {
+    /// The engine config of the default server config with `set` applied to
+    /// its engine settings.
+    fn engine_with(
+        set: impl FnOnce(&mut crate::config::EngineSettings),
+    ) -> anyhow::Result<EngineConfig> {
         let mut config = ServerConfig::default();
-        config.engine.kv_cache_dtype = Some(name.into());
+        set(&mut config.engine);
         engine_config(&config, DeviceSpec::Cpu)
+    }
+
+    fn with_kv_dtype(name: &str) -> anyhow::Result<EngineConfig> {
+        engine_with(|e| e.kv_cache_dtype = Some(name.into()))
     }
 
     #[test]
@@ -189,54 +197,42 @@ mod tests {
         let err = with_kv_dtype("int8").unwrap_err().to_string();
         assert!(err.contains("--kv-cache-dtype"), "{err}");
         // Unset: the cache takes the model's dtype.
-        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        let default = engine_with(|_| {}).unwrap();
         assert_eq!(default.kv_cache.dtype, None);
     }
 
     #[test]
     fn sampling_place_is_parsed_and_checked() {
-        let with = |name: &str| {
-            let mut config = ServerConfig::default();
-            config.engine.sampling = Some(name.into());
-            engine_config(&config, DeviceSpec::Cpu)
-        };
+        let with = |name: &str| engine_with(|e| e.sampling = Some(name.into()));
         assert_eq!(with("auto").unwrap().draws_on_device, None);
         assert_eq!(with("device").unwrap().draws_on_device, Some(true));
         assert_eq!(with("host").unwrap().draws_on_device, Some(false));
         let err = with("gpu").unwrap_err().to_string();
         assert!(err.contains("--sampling"), "{err}");
-        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        let default = engine_with(|_| {}).unwrap();
         assert_eq!(default.draws_on_device, None);
     }
 
     #[test]
     fn overlap_is_parsed_and_checked() {
-        let with = |name: &str| {
-            let mut config = ServerConfig::default();
-            config.engine.overlap = Some(name.into());
-            engine_config(&config, DeviceSpec::Cpu)
-        };
+        let with = |name: &str| engine_with(|e| e.overlap = Some(name.into()));
         assert_eq!(with("auto").unwrap().overlap, None);
         assert_eq!(with("on").unwrap().overlap, Some(true));
         assert_eq!(with(" off ").unwrap().overlap, Some(false));
         let err = with("yes").unwrap_err().to_string();
         assert!(err.starts_with("--overlap: auto, on or off"), "{err}");
-        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        let default = engine_with(|_| {}).unwrap();
         assert_eq!(default.overlap, None);
     }
 
     #[test]
     fn cuda_graphs_are_off_unless_asked_for() {
-        let with = |name: &str| {
-            let mut config = ServerConfig::default();
-            config.engine.cuda_graphs = Some(name.into());
-            engine_config(&config, DeviceSpec::Cpu)
-        };
+        let with = |name: &str| engine_with(|e| e.cuda_graphs = Some(name.into()));
         assert!(with("on").unwrap().cuda_graphs);
         assert!(!with("off").unwrap().cuda_graphs);
         let err = with("yes").unwrap_err().to_string();
         assert!(err.starts_with("--cuda-graphs"), "{err}");
-        let default = engine_config(&ServerConfig::default(), DeviceSpec::Cpu).unwrap();
+        let default = engine_with(|_| {}).unwrap();
         assert!(!default.cuda_graphs);
     }
 

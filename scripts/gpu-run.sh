@@ -229,12 +229,14 @@ metric() { # base URL, metric name: prints its line from /metrics
   python3 -c 'import sys, urllib.request; print("".join("   " + l + "\n" for l in urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=5).read().decode().splitlines() if l.startswith(sys.argv[2])), end="")' "$1" "$2" || true
 }
 # The other builds packed with --pack-as: their attention test, the attention
-# kernels alone and decode at batch 1 and 64, beside the reference's above.
+# kernels alone and decode at batch 1 and 64 (both contexts), beside the
+# reference's above; then their graphs test and decode replayed as graphs,
+# beside the reference's graph runs.
 if [ "$DEVICE" = cuda ]; then
   for dir in "$CARRY"/alt-*/; do
     [ -d "$dir" ] || continue
     name=$(basename "$dir"); alt_bin="/tmp/llama-bin-$name"
-    step "$name ($(cat "$dir/commit" 2>/dev/null)): attention test, attention-bench, llama-bench" || continue
+    step "$name ($(cat "$dir/commit" 2>/dev/null)): attention test, attention-bench, llama-bench, graphs test and bench" || continue
     mkdir -p "$alt_bin"
     for f in "$dir"*.xz; do xz -dc "$f" > "$alt_bin/$(basename "$f" .xz)" && chmod +x "$alt_bin/$(basename "$f" .xz)"; done
     if LLAMA_TEST_DEVICE=cuda LLAMA_REPO_ROOT="$PWD" timeout 100 "$alt_bin/kernels" paged_attention --test-threads 1 --nocapture \
@@ -242,12 +244,23 @@ if [ "$DEVICE" = cuda ]; then
       echo "   $name: paged attention test passed"
       timeout 40 "$alt_bin/attention-bench" --device cuda --dtype "$DTYPE" --cases "$ATT_CASES" --json \
         > "$OUT/$name-attention.json" 2> "$OUT/$name-attention.log" || status=1
-      timeout 90 "$alt_bin/llama-bench" --random-weights "$SHAPE" --device cuda --dtype "$DTYPE" \
-        --batch-sizes 1,64 --prompt-len "${PROMPTS%%,*}" --gen "$GEN" --json > "$OUT/$name-bench.json" 2> "$OUT/$name-bench.log" || status=1
+      timeout 120 "$alt_bin/llama-bench" --random-weights "$SHAPE" --device cuda --dtype "$DTYPE" \
+        --batch-sizes 1,64 --prompt-len "$PROMPTS" --gen "$GEN" --json > "$OUT/$name-bench.json" 2> "$OUT/$name-bench.log" || status=1
     else
       status=1
       echo "!! $name: paged attention test failed, not timed"
       grep -E "panicked|rel " "$OUT/$name-kernels.log" | tail -n 5
+      continue
+    fi
+    if [ "$GRAPHS" = 1 ] && LLAMA_TEST_DEVICE=cuda LLAMA_REPO_ROOT="$PWD" timeout 100 "$alt_bin/kernels" decode_graphs --test-threads 1 --nocapture \
+        > "$OUT/$name-kernels-graphs.log" 2>&1; then
+      echo "   $name: graphs test passed"
+      timeout 90 "$alt_bin/llama-bench" --random-weights "$SHAPE" --device cuda --dtype "$DTYPE" --cuda-graphs \
+        --batch-sizes 1,64 --prompt-len "${PROMPTS%%,*}" --gen "$GEN" --json > "$OUT/$name-bench-graphs.json" 2> "$OUT/$name-bench-graphs.log" || status=1
+    elif [ "$GRAPHS" = 1 ]; then
+      status=1
+      echo "!! $name: graphs test failed"
+      grep -E "panicked|rel " "$OUT/$name-kernels-graphs.log" | tail -n 5
     fi
   done
 fi
@@ -379,14 +392,16 @@ for path in sorted(glob.glob(os.path.join(out, "alt-*-attention.json"))):
         for r in alt_att["results"]:
             if r["case"] in ref:
                 print(f"| {r['case']} | {ref[r['case']]:.1f} | {r['us']:.1f} | {r['us'] / ref[r['case']]:.2f} |")
-    if fused and alt_bench:
-        ref = {(r["batch"], r["prompt_len"]): r["decode_tok_s"] for r in fused["results"]}
-        print(f"\n| decode batch (shortest prompt) | reference tok/s | {name} tok/s | {name} / reference |")
-        print("|---:|---:|---:|---:|")
-        for r in alt_bench["results"]:
+    for mine, theirs, how in ((fused, alt_bench, ""), (graphs, maybe(f"{name}-bench-graphs.json"), ", CUDA graphs")):
+        if not (mine and theirs):
+            continue
+        ref = {(r["batch"], r["prompt_len"]): r["decode_tok_s"] for r in mine["results"]}
+        print(f"\n| decode batch{how} | prompt | reference tok/s | {name} tok/s | {name} / reference |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in theirs["results"]:
             k = (r["batch"], r["prompt_len"])
             if k in ref:
-                print(f"| {r['batch']} | {ref[k]:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / ref[k]:.3f} |")
+                print(f"| {r['batch']} | {r['prompt_len']} | {ref[k]:.1f} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / ref[k]:.3f} |")
 if engine:
     print("\n| engine concurrency | output tok/s | decode tok/s (decode-only steps) | TTFT p50 ms | TTFT p99 ms | ms/step | overhead % | sent during step ms | preemptions | KV blocks used after / total |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -159,8 +159,8 @@ bench bench-cuda-cores cuda-cores 1 "$BEFORE_PROMPT" 8 60
 [ "$GRAPHS" = 1 ] && EXTRA=--cuda-graphs bench bench-graphs "$KERNELS" "$BATCHES" "${PROMPTS%%,*}" "$GEN" 120
 # Decode projections of up to 4 rows by the weight-streaming kernel instead of
 # cuBLAS: each projection alone, then whole decode steps, without and with graphs.
-if [ "$GEMV" = 1 ] && step "matmul-bench: 7B projections at 1, 2 and 4 rows, GEMV kernel against cuBLAS"; then
-  timeout 60 "$BIN/matmul-bench" --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --rows 1,2,4 --gemv --baseline \
+if [ "$GEMV" = 1 ] && step "matmul-bench: 7B projections at 1, 2 and 4 rows, GEMV kernel against cuBLAS (16 and 64: cuBLAS both sides, its bandwidth at the batch-64 goal)"; then
+  timeout 60 "$BIN/matmul-bench" --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --rows 1,2,4,16,64 --gemv --baseline \
     > "$OUT/matmul-gemv.md" 2> "$OUT/matmul-gemv.log" || { status=1; tail -n 5 "$OUT/matmul-gemv.log"; }
 fi
 [ "$GEMV" = 1 ] && EXTRA=--gemv bench bench-gemv "$KERNELS" 1,4 "${PROMPTS%%,*}" "$GEN" 60

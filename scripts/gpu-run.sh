@@ -244,6 +244,13 @@ if [ "$DEVICE" = cuda ]; then
       echo "   $name: paged attention test passed"
       timeout 40 "$alt_bin/attention-bench" --device cuda --dtype "$DTYPE" --cases "$ATT_CASES" --json \
         > "$OUT/$name-attention.json" 2> "$OUT/$name-attention.log" || status=1
+      # Split-K settings (keys per split, split below this many blocks; 0,0
+      # is off), where a build reads LLAMA_ATTN_SPLIT; one that does not
+      # times its default again.
+      for split in 0,0 128,256 256,512 512,512 128,1024; do
+        LLAMA_ATTN_SPLIT=$split timeout 30 "$alt_bin/attention-bench" --device cuda --dtype "$DTYPE" --cases 1x512,1x4096,4x2048,8x512 --json \
+          > "$OUT/$name-split-$split.json" 2> "$OUT/$name-split-$split.log" || status=1
+      done
       timeout 120 "$alt_bin/llama-bench" --random-weights "$SHAPE" --device cuda --dtype "$DTYPE" \
         --batch-sizes 1,64 --prompt-len "$PROMPTS" --gen "$GEN" --json > "$OUT/$name-bench.json" 2> "$OUT/$name-bench.log" || status=1
     else
@@ -392,6 +399,15 @@ for path in sorted(glob.glob(os.path.join(out, "alt-*-attention.json"))):
         for r in alt_att["results"]:
             if r["case"] in ref:
                 print(f"| {r['case']} | {ref[r['case']]:.1f} | {r['us']:.1f} | {r['us'] / ref[r['case']]:.2f} |")
+    splits = {p.rsplit("-split-", 1)[1][: -len(".json")]: maybe(os.path.basename(p)) for p in sorted(glob.glob(os.path.join(out, f"{name}-split-*.json")))}
+    splits = {k: {r["case"]: r["us"] for r in v["results"]} for k, v in splits.items() if v}
+    if splits:
+        cases = list(next(iter(splits.values())))
+        print(f"\n{name} decode attention µs by LLAMA_ATTN_SPLIT (keys per split, split below this many blocks; 0,0 = off):")
+        print("| setting | " + " | ".join(cases) + " |")
+        print("|---|" + "---:|" * len(cases))
+        for k, v in splits.items():
+            print(f"| {k} | " + " | ".join(f"{v[c]:.1f}" if c in v else "-" for c in cases) + " |")
     for mine, theirs, how in ((fused, alt_bench, ""), (graphs, maybe(f"{name}-bench-graphs.json"), ", CUDA graphs")):
         if not (mine and theirs):
             continue

@@ -239,8 +239,7 @@ if [ "$DEVICE" = cuda ]; then
     step "$name ($(cat "$dir/commit" 2>/dev/null)): attention test, attention-bench, llama-bench, graphs test and bench" || continue
     mkdir -p "$alt_bin"
     for f in "$dir"*.xz; do xz -dc "$f" > "$alt_bin/$(basename "$f" .xz)" && chmod +x "$alt_bin/$(basename "$f" .xz)"; done
-    if LLAMA_TEST_DEVICE=cuda LLAMA_REPO_ROOT="$PWD" timeout 100 "$alt_bin/kernels" paged_attention --test-threads 1 --nocapture \
-        > "$OUT/$name-kernels.log" 2>&1; then
+    if TESTS_AT="$alt_bin" run_tests "$name-kernels" kernels paged_attention; then
       echo "   $name: paged attention test passed"
       timeout 40 "$alt_bin/attention-bench" --device cuda --dtype "$DTYPE" --cases "$ATT_CASES" --json \
         > "$OUT/$name-attention.json" 2> "$OUT/$name-attention.log" || status=1
@@ -259,8 +258,7 @@ if [ "$DEVICE" = cuda ]; then
       grep -E "panicked|rel " "$OUT/$name-kernels.log" | tail -n 5
       continue
     fi
-    if [ "$GRAPHS" = 1 ] && LLAMA_TEST_DEVICE=cuda LLAMA_REPO_ROOT="$PWD" timeout 100 "$alt_bin/kernels" decode_graphs --test-threads 1 --nocapture \
-        > "$OUT/$name-kernels-graphs.log" 2>&1; then
+    if [ "$GRAPHS" = 1 ] && TESTS_AT="$alt_bin" run_tests "$name-kernels-graphs" kernels decode_graphs; then
       echo "   $name: graphs test passed"
       timeout 90 "$alt_bin/llama-bench" --random-weights "$SHAPE" --device cuda --dtype "$DTYPE" --cuda-graphs \
         --batch-sizes 1,64 --prompt-len "${PROMPTS%%,*}" --gen "$GEN" --json > "$OUT/$name-bench-graphs.json" 2> "$OUT/$name-bench-graphs.log" || status=1

@@ -15,6 +15,7 @@ pub mod request;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod sentencepiece;
 pub mod stop;
 pub mod tokenizer;
 

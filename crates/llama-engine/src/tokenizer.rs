@@ -1,5 +1,7 @@
 //! The Llama tokenizer: `tokenizer.json` through the Hugging Face `tokenizers`
-//! crate, plus the special-token facts the engine and the chat template need.
+//! crate (or, for checkpoints that ship only SentencePiece's `tokenizer.model`,
+//! the `tokenizer.json` transformers would convert it to), plus the
+//! special-token facts the engine and the chat template need.
 //!
 //! Two encoders are kept. The *full* one is `tokenizer.json` as published and
 //! gives exactly the ids transformers gives. The *plain* one is the same
@@ -13,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
+
+use crate::sentencepiece;
 
 /// SentencePiece's word-boundary marker (U+2581), which stands for a space.
 const SPIECE_UNDERLINE: char = '\u{2581}';
@@ -33,6 +37,8 @@ pub enum TokenizerError {
     },
     #[error("cannot load tokenizer from {}: {message}", path.display())]
     Load { path: PathBuf, message: String },
+    #[error("{} has neither tokenizer.json nor tokenizer.model", dir.display())]
+    Missing { dir: PathBuf },
     #[error("tokenizer encode failed: {0}")]
     Encode(String),
     #[error("tokenizer decode failed: {0}")]
@@ -66,12 +72,14 @@ struct SpecialTokenConfig {
     bos: Option<String>,
     eos: Option<String>,
     add_bos: Option<bool>,
+    add_eos: Option<bool>,
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` from a model directory, with the BOS/EOS tokens
-    /// and `add_bos_token` from `tokenizer_config.json` (then
-    /// `special_tokens_map.json`) when those files exist.
+    /// Loads `tokenizer.json` from a model directory (else converts
+    /// `tokenizer.model`), with the BOS/EOS tokens and `add_bos_token` from
+    /// `tokenizer_config.json` (then `special_tokens_map.json`) when those
+    /// files exist.
     pub fn from_model_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let mut config = SpecialTokenConfig::default();
         // tokenizer_config.json wins over special_tokens_map.json, as in transformers.
@@ -86,17 +94,50 @@ impl Tokenizer {
             config.add_bos = config
                 .add_bos
                 .or_else(|| json.get("add_bos_token").and_then(Value::as_bool));
+            config.add_eos = config
+                .add_eos
+                .or_else(|| json.get("add_eos_token").and_then(Value::as_bool));
         }
-        Self::build(&dir.join("tokenizer.json"), config)
+        let json_path = dir.join("tokenizer.json");
+        let model_path = dir.join("tokenizer.model");
+        if json_path.exists() || !model_path.is_file() {
+            if dir.is_dir() && !json_path.exists() {
+                return Err(TokenizerError::Missing {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            let json = read_json(&json_path)?;
+            return Self::build(&json_path, json, config);
+        }
+        let bytes = std::fs::read(&model_path).map_err(|source| TokenizerError::Io {
+            path: model_path.clone(),
+            source,
+        })?;
+        let use_special = sentencepiece::SpecialTokenUse {
+            add_bos: config.add_bos.unwrap_or(true),
+            add_eos: config.add_eos.unwrap_or(false),
+        };
+        let json = sentencepiece::tokenizer_json(&bytes, use_special).map_err(|e| {
+            TokenizerError::Load {
+                path: model_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        tracing::info!(path = %model_path.display(), "no tokenizer.json: converted the SentencePiece model");
+        Self::build(&model_path, json, config)
     }
 
     /// Loads a bare `tokenizer.json`; BOS/EOS are looked up as `<s>` / `</s>`.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        Self::build(path, SpecialTokenConfig::default())
+        Self::build(path, read_json(path)?, SpecialTokenConfig::default())
     }
 
-    fn build(path: &Path, config: SpecialTokenConfig) -> Result<Self, TokenizerError> {
-        let mut json = read_json(path)?;
+    /// `path` is where `json` came from, for error messages.
+    fn build(
+        path: &Path,
+        mut json: Value,
+        config: SpecialTokenConfig,
+    ) -> Result<Self, TokenizerError> {
         let load_error = |message: String| TokenizerError::Load {
             path: path.to_path_buf(),
             message,
@@ -269,13 +310,43 @@ mod tests {
         Tokenizer::from_model_dir(&model_dir()).unwrap()
     }
 
+    /// A model directory holding Meta's `tokenizer.model` and no
+    /// `tokenizer.json`, with `tokenizer_config` as its config.
+    fn sentencepiece_dir(name: &str, tokenizer_config: Option<Value>) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("llama-serve-spm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fixtures = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"));
+        std::fs::copy(
+            fixtures.join("llama2-tokenizer.model"),
+            dir.join("tokenizer.model"),
+        )
+        .unwrap();
+        if let Some(config) = tokenizer_config {
+            std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        }
+        dir
+    }
+
+    /// The published tokenizer and the one converted from `tokenizer.model`.
+    fn both_tokenizers() -> [(&'static str, Tokenizer); 2] {
+        let config = read_json(&model_dir().join("tokenizer_config.json")).unwrap();
+        let converted =
+            Tokenizer::from_model_dir(&sentencepiece_dir("both", Some(config))).unwrap();
+        [
+            ("tokenizer.json", tokenizer()),
+            ("tokenizer.model", converted),
+        ]
+    }
+
     #[test]
     fn special_tokens_from_config() {
-        let tok = tokenizer();
-        assert_eq!(tok.bos_id(), Some(1));
-        assert_eq!(tok.eos_id(), Some(2));
-        assert!(tok.add_bos());
-        assert_eq!(tok.vocab_size(), 32000);
+        for (source, tok) in both_tokenizers() {
+            assert_eq!(tok.bos_id(), Some(1), "{source}");
+            assert_eq!(tok.eos_id(), Some(2), "{source}");
+            assert!(tok.add_bos(), "{source}");
+            assert_eq!(tok.vocab_size(), 32000, "{source}");
+        }
 
         let bare = Tokenizer::from_file(&model_dir().join("tokenizer.json")).unwrap();
         assert_eq!(
@@ -286,46 +357,52 @@ mod tests {
 
     #[test]
     fn every_fixture_case_encodes_and_decodes() {
-        let tok = tokenizer();
         let cases = fixture("tokenizer-cases.json");
         let cases = cases["cases"].as_array().unwrap();
         assert_eq!(cases.len(), 479);
-        for case in cases {
-            let text = case["text"].as_str().unwrap();
-            let expected = ids(&case["ids"]);
-            assert_eq!(tok.encode(text, true).unwrap(), expected, "encode {text:?}");
-            assert_eq!(
-                tok.encode(text, false).unwrap(),
-                expected[1..],
-                "encode without BOS {text:?}"
-            );
-            let decoded = case.get("decoded").and_then(Value::as_str).unwrap_or(text);
-            assert_eq!(
-                tok.decode(&expected, true).unwrap(),
-                decoded,
-                "decode {text:?}"
-            );
+        for (source, tok) in both_tokenizers() {
+            for case in cases {
+                let text = case["text"].as_str().unwrap();
+                let expected = ids(&case["ids"]);
+                assert_eq!(
+                    tok.encode(text, true).unwrap(),
+                    expected,
+                    "{source}: encode {text:?}"
+                );
+                assert_eq!(
+                    tok.encode(text, false).unwrap(),
+                    expected[1..],
+                    "{source}: encode without BOS {text:?}"
+                );
+                let decoded = case.get("decoded").and_then(Value::as_str).unwrap_or(text);
+                assert_eq!(
+                    tok.decode(&expected, true).unwrap(),
+                    decoded,
+                    "{source}: decode {text:?}"
+                );
+            }
         }
     }
 
     #[test]
     fn encode_plain_matches_sentencepiece() {
-        let tok = tokenizer();
         let cases = fixture("tokenizer-cases.json");
-        let mut with_sp_ids = 0;
-        for case in cases["cases"].as_array().unwrap() {
-            let text = case["text"].as_str().unwrap();
-            // Meta's ids equal tokenizer.json's unless `sentencepiece_ids` says otherwise.
-            let expected = ids(case.get("sentencepiece_ids").unwrap_or(&case["ids"]));
-            with_sp_ids += usize::from(case.get("sentencepiece_ids").is_some());
-            assert_eq!(expected[0], 1);
-            assert_eq!(
-                tok.encode_plain(text).unwrap(),
-                expected[1..],
-                "encode_plain {text:?}"
-            );
+        for (source, tok) in both_tokenizers() {
+            let mut with_sp_ids = 0;
+            for case in cases["cases"].as_array().unwrap() {
+                let text = case["text"].as_str().unwrap();
+                // Meta's ids equal tokenizer.json's unless `sentencepiece_ids` says otherwise.
+                let expected = ids(case.get("sentencepiece_ids").unwrap_or(&case["ids"]));
+                with_sp_ids += usize::from(case.get("sentencepiece_ids").is_some());
+                assert_eq!(expected[0], 1);
+                assert_eq!(
+                    tok.encode_plain(text).unwrap(),
+                    expected[1..],
+                    "{source}: encode_plain {text:?}"
+                );
+            }
+            assert_eq!(with_sp_ids, 21);
         }
-        assert_eq!(with_sp_ids, 21);
     }
 
     #[test]
@@ -377,6 +454,32 @@ mod tests {
         assert_eq!(tok.token_text(1), "<s>");
         assert_eq!(tok.token_text(u32::MAX), "");
         assert!(tok.token_bytes(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn converted_tokenizer_honours_add_bos_and_add_eos() {
+        // No config at all: Llama's defaults, BOS only.
+        let bare = Tokenizer::from_model_dir(&sentencepiece_dir("bare", None)).unwrap();
+        assert_eq!(bare.encode("Hello", true).unwrap(), vec![1, 15043]);
+        let eos = Tokenizer::from_model_dir(&sentencepiece_dir(
+            "eos",
+            Some(serde_json::json!({"add_bos_token": false, "add_eos_token": true})),
+        ))
+        .unwrap();
+        assert!(!eos.add_bos());
+        assert_eq!(eos.encode("Hello", true).unwrap(), vec![15043, 2]);
+        assert_eq!(eos.encode("Hello", false).unwrap(), vec![15043]);
+    }
+
+    #[test]
+    fn a_directory_without_a_tokenizer_says_which_files_it_needs() {
+        let dir = std::env::temp_dir().join(format!("llama-serve-no-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = Tokenizer::from_model_dir(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("neither tokenizer.json nor tokenizer.model"),
+            "{err}"
+        );
     }
 
     #[test]

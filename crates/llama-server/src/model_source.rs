@@ -11,7 +11,8 @@ use crate::config::HubOptions;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
-    /// A directory with config.json, tokenizer.json and safetensors weights.
+    /// A directory with config.json, tokenizer.json (or SentencePiece's
+    /// tokenizer.model) and safetensors weights.
     Dir(PathBuf),
     /// Random weights of a named shape; text goes through the bundled tokenizer.
     Random {
@@ -112,7 +113,10 @@ pub async fn resolve(
     })
 }
 
-const REQUIRED: &[&str] = &["config.json", "tokenizer.json"];
+const CONFIG: &str = "config.json";
+/// The first of these a repo has is the tokenizer: tokenizer.model is
+/// converted on load for checkpoints that ship no tokenizer.json.
+const TOKENIZERS: &[&str] = &["tokenizer.json", "tokenizer.model"];
 const OPTIONAL: &[&str] = &[
     "tokenizer_config.json",
     "generation_config.json",
@@ -158,13 +162,15 @@ async fn fetch_from_hub(
     if hub.offline {
         let cached = cache.repo(repo(id, revision));
         let get = |file: &str| cached.get(file);
-        for file in REQUIRED {
-            if get(file).is_none() {
-                bail!(
-                    "HF_HUB_OFFLINE is set and {id}/{file} is not in the cache at {}",
-                    cache.path().display()
-                );
-            }
+        let missing = |file: &str| {
+            anyhow::anyhow!(
+                "HF_HUB_OFFLINE is set and {id}/{file} is not in the cache at {}",
+                cache.path().display()
+            )
+        };
+        let config = get(CONFIG).ok_or_else(|| missing(CONFIG))?;
+        if !TOKENIZERS.iter().any(|file| get(file).is_some()) {
+            return Err(missing(TOKENIZERS[0]));
         }
         let weights = match get(INDEX) {
             Some(index) => shard_names(&index)?,
@@ -175,7 +181,6 @@ async fn fetch_from_hub(
                 bail!("HF_HUB_OFFLINE is set and {id}/{file} is not in the cache");
             }
         }
-        let config = get("config.json").context("config.json vanished from the cache")?;
         return Ok(config.parent().map(Path::to_path_buf).unwrap_or_default());
     }
 
@@ -194,14 +199,18 @@ async fn fetch_from_hub(
         repo = id,
         "fetching model files from the Hugging Face Hub (cached files are reused)"
     );
-    let mut config = None;
-    for file in REQUIRED {
-        let path = remote.get(file).await.with_context(|| {
-            format!("downloading {id}/{file} (gated models need HF_TOKEN with access granted on huggingface.co)")
-        })?;
-        if *file == "config.json" {
-            config = Some(path);
+    let config = remote.get(CONFIG).await.with_context(|| {
+        format!("downloading {id}/{CONFIG} (gated models need HF_TOKEN with access granted on huggingface.co)")
+    })?;
+    let mut tokenizer_errors = Vec::new();
+    for file in TOKENIZERS {
+        match remote.get(file).await {
+            Ok(_) => break,
+            Err(err) => tokenizer_errors.push(format!("{file}: {err}")),
         }
+    }
+    if tokenizer_errors.len() == TOKENIZERS.len() {
+        bail!("{id} has no tokenizer ({})", tokenizer_errors.join("; "));
     }
     for file in OPTIONAL {
         if let Err(err) = remote.get(file).await {
@@ -223,7 +232,6 @@ async fn fetch_from_hub(
             })?;
         }
     }
-    let config = config.context("config.json was not downloaded")?;
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 

@@ -1,6 +1,9 @@
 //! Model directories in the layouts checkpoints are published in, served
 //! with `--model DIR` and compared with the bundled model over HTTP.
 
+#[path = "../../crates/llama-model/tests/torch_save/mod.rs"]
+mod torch_save;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -63,17 +66,36 @@ async fn greedy_answer(model: Option<&Path>) -> (Value, Value) {
     )
 }
 
-/// Checkpoints that ship only SentencePiece's `tokenizer.model` (many Llama 2
-/// fine-tunes) are served with the tokenizer transformers would convert it
-/// to: the same prompt ids and the same answer as with `tokenizer.json`.
+/// Checkpoints from before safetensors and fast tokenizers (many Llama 2
+/// fine-tunes): SentencePiece's `tokenizer.model` instead of
+/// `tokenizer.json`, PyTorch's `pytorch_model.bin` instead of safetensors.
+/// They get the same prompt ids and the same answer as the bundled model.
 #[tokio::test]
-async fn a_sentencepiece_only_checkpoint_answers_as_the_bundled_one() {
-    let dir = copy_of_bundled_model("spm-only", &["tokenizer.json"]);
+async fn an_old_style_checkpoint_answers_as_the_bundled_one() {
+    let dir = copy_of_bundled_model("old-style", &["tokenizer.json", "model.safetensors"]);
     std::fs::copy(
         workspace_root().join("tests/fixtures/llama2-tokenizer.model"),
         dir.join("tokenizer.model"),
     )
     .unwrap();
+    let tensors = candle_core::safetensors::load(
+        workspace_root().join("models/tiny-llama/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let entries: Vec<torch_save::Entry> = names
+        .iter()
+        .map(|name| torch_save::Entry {
+            name,
+            tensor: &tensors[*name],
+            dtype: tensors[*name].dtype(),
+            offset: 0,
+        })
+        .collect();
+    torch_save::save(&entries, &dir.join("pytorch_model.bin"));
+
     let (bundled_message, bundled_ids) = greedy_answer(None).await;
     let (message, ids) = greedy_answer(Some(&dir)).await;
     assert!(

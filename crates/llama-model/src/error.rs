@@ -20,11 +20,11 @@ pub enum ModelError {
         field: &'static str,
         message: String,
     },
-    #[error("no weights in {dir}: expected model.safetensors, or model.safetensors.index.json with its shards")]
+    #[error("no weights in {dir}: expected model.safetensors or pytorch_model.bin, or their index (model.safetensors.index.json, pytorch_model.bin.index.json) with its shards")]
     NoWeights { dir: PathBuf },
-    #[error("invalid safetensors index {path}: {message}")]
+    #[error("invalid weights index {path}: {message}")]
     BadIndex { path: PathBuf, message: String },
-    #[error("cannot read safetensors file {path}: {message}")]
+    #[error("cannot read weights file {path}: {message}")]
     UnreadableShard { path: PathBuf, message: String },
     #[error("missing tensor `{name}` (looked in {files})")]
     MissingTensor { name: String, files: String },

@@ -1,17 +1,30 @@
-//! Safetensors weights from a local directory: one file or index + shards, memory-mapped.
+//! Checkpoint weights from a local directory: safetensors (one file, or an
+//! index and its shards; memory-mapped), or, for checkpoints published before
+//! safetensors, PyTorch's `pytorch_model.bin` (one file, or an index and its
+//! shards).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::pickle::PthTensors;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 
-/// The tensors of a checkpoint, memory-mapped, with a name → file routing.
-pub struct SafetensorsWeights {
+/// One weights file, opened.
+enum WeightFile {
+    Safetensors(MmapedSafetensors),
+    /// `torch.save`'s zip of a pickled state dict. Candle's unpickler only
+    /// rebuilds tensors (it runs no Python), so an untrusted file cannot
+    /// execute code the way `torch.load` without `weights_only` could.
+    Pytorch(PthTensors),
+}
+
+/// The tensors of a checkpoint, with a name → file routing.
+pub struct CheckpointWeights {
     files: Vec<PathBuf>,
-    mmaps: Vec<MmapedSafetensors>,
+    opened: Vec<WeightFile>,
     routing: HashMap<String, usize>,
 }
 
@@ -47,64 +60,95 @@ fn shard_list_from_index(index_path: &Path, dir: &Path) -> Result<Vec<PathBuf>> 
     Ok(shards.into_iter().map(|f| dir.join(f)).collect())
 }
 
-/// The safetensors files of a model directory, in the order Hugging Face writes them.
+/// The weights files of a model directory, in the order Hugging Face writes
+/// them. Safetensors wins when both formats are there, as in transformers.
 pub fn discover_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        return shard_list_from_index(&index, dir);
+    for (index, single, extension) in [
+        (
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "safetensors",
+        ),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", "bin"),
+    ] {
+        let index = dir.join(index);
+        if index.is_file() {
+            return shard_list_from_index(&index, dir);
+        }
+        let single = dir.join(single);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        // Shards without their index. Other `.bin` files (training_args.bin,
+        // optimizer state) are not weights, so only pytorch_model* counts.
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == extension))
+            .filter(|p| {
+                extension == "safetensors"
+                    || p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("pytorch_model"))
+            })
+            .collect();
+        files.sort();
+        if !files.is_empty() {
+            return Ok(files);
+        }
     }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(ModelError::NoWeights {
-            dir: dir.to_path_buf(),
-        });
-    }
-    Ok(files)
+    Err(ModelError::NoWeights {
+        dir: dir.to_path_buf(),
+    })
 }
 
-impl SafetensorsWeights {
+fn is_safetensors(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "safetensors")
+}
+
+impl CheckpointWeights {
     pub fn open_dir(dir: &Path) -> Result<Self> {
         Self::open_files(discover_weight_files(dir)?)
     }
 
     pub fn open_files(files: Vec<PathBuf>) -> Result<Self> {
-        let mut mmaps = Vec::with_capacity(files.len());
+        let mut opened = Vec::with_capacity(files.len());
         let mut routing = HashMap::new();
         for (index, path) in files.iter().enumerate() {
+            let unreadable = |message: String| ModelError::UnreadableShard {
+                path: path.clone(),
+                message,
+            };
             if !path.is_file() {
-                return Err(ModelError::UnreadableShard {
-                    path: path.clone(),
-                    message: "file not found".into(),
-                });
+                return Err(unreadable("file not found".into()));
             }
-            // SAFETY: the mapping is read-only; like every mmap loader we assume
-            // nobody truncates the checkpoint while the server runs.
-            let mmap = unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-                ModelError::UnreadableShard {
-                    path: path.clone(),
-                    message: e.to_string(),
+            let file = if is_safetensors(path) {
+                // SAFETY: the mapping is read-only; like every mmap loader we assume
+                // nobody truncates the checkpoint while the server runs.
+                let mmap = unsafe { MmapedSafetensors::new(path) }
+                    .map_err(|e| unreadable(e.to_string()))?;
+                for (name, _) in mmap.tensors() {
+                    routing.insert(name, index);
                 }
-            })?;
-            for (name, _) in mmap.tensors() {
-                routing.insert(name, index);
-            }
-            mmaps.push(mmap);
+                WeightFile::Safetensors(mmap)
+            } else {
+                let pth = PthTensors::new(path, None)
+                    .map_err(|e| unreadable(format!("not a PyTorch checkpoint: {e}")))?;
+                if pth.tensor_infos().is_empty() {
+                    return Err(unreadable("no tensors in this PyTorch checkpoint".into()));
+                }
+                for name in pth.tensor_infos().keys() {
+                    routing.insert(name.clone(), index);
+                }
+                WeightFile::Pytorch(pth)
+            };
+            opened.push(file);
         }
         Ok(Self {
             files,
-            mmaps,
+            opened,
             routing,
         })
     }
@@ -140,23 +184,41 @@ impl SafetensorsWeights {
                 name: name.to_string(),
                 files: self.files_list(),
             })?;
-        let view = self.mmaps[index]
-            .get(name)
-            .map_err(|e| ModelError::UnreadableShard {
-                path: self.files[index].clone(),
-                message: e.to_string(),
-            })?;
-        if view.shape() != shape {
-            return Err(ModelError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: view.shape().to_vec(),
-            });
-        }
-        let tensor = view.load(device).map_err(|e| ModelError::UnreadableShard {
+        let unreadable = |e: candle_core::Error| ModelError::UnreadableShard {
             path: self.files[index].clone(),
             message: format!("tensor `{name}`: {e}"),
-        })?;
+        };
+        let check_shape = |actual: &[usize]| {
+            if actual == shape {
+                Ok(())
+            } else {
+                Err(ModelError::TensorShape {
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    actual: actual.to_vec(),
+                })
+            }
+        };
+        let tensor = match &self.opened[index] {
+            WeightFile::Safetensors(mmap) => {
+                let view = mmap.get(name).map_err(unreadable)?;
+                check_shape(view.shape())?;
+                view.load(device).map_err(unreadable)?
+            }
+            WeightFile::Pytorch(pth) => {
+                let info = &pth.tensor_infos()[name];
+                check_shape(info.layout.dims())?;
+                // Read into host memory, then converted before it is moved,
+                // so a GPU never holds the file's dtype and ours at once.
+                let host = pth.get(name).map_err(unreadable)?.ok_or_else(|| {
+                    ModelError::MissingTensor {
+                        name: name.to_string(),
+                        files: self.files_list(),
+                    }
+                })?;
+                host.to_dtype(dtype)?.to_device(device)?
+            }
+        };
         Ok(tensor.to_dtype(dtype)?)
     }
 }

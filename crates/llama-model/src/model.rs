@@ -7,7 +7,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::fused;
 use crate::kv::{BlockTable, KvCache};
-use crate::loader::SafetensorsWeights;
+use crate::loader::CheckpointWeights;
 use crate::profile;
 use crate::rope::RopeTables;
 use crate::weights::LlamaWeights;
@@ -93,7 +93,7 @@ impl LlamaModel {
     /// Loads `config.json` and the safetensors weights of a local model directory.
     pub fn load(dir: &std::path::Path, device: &Device, options: ModelOptions) -> Result<Self> {
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let st = SafetensorsWeights::open_dir(dir)?;
+        let st = CheckpointWeights::open_dir(dir)?;
         let weights = LlamaWeights::from_safetensors(&cfg, &st, options.dtype, device)?;
         Self::from_weights(cfg, weights, device, options)
     }

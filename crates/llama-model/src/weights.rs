@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::linear::Linear;
-use crate::loader::SafetensorsWeights;
+use crate::loader::CheckpointWeights;
 
 pub struct LayerWeights {
     pub input_norm: Tensor,
@@ -41,7 +41,7 @@ enum Init {
 }
 
 struct Checkpoint<'a> {
-    st: &'a SafetensorsWeights,
+    st: &'a CheckpointWeights,
     dtype: DType,
     device: &'a Device,
 }
@@ -178,7 +178,7 @@ fn build(cfg: &LlamaConfig, src: &mut dyn TensorSource) -> Result<LlamaWeights> 
 impl LlamaWeights {
     pub fn from_safetensors(
         cfg: &LlamaConfig,
-        st: &SafetensorsWeights,
+        st: &CheckpointWeights,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {

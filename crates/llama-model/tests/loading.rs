@@ -1,4 +1,7 @@
-//! Loading: sharded checkpoints, and errors that name their culprit.
+//! Loading: sharded checkpoints, PyTorch checkpoints, and errors that name
+//! their culprit.
+
+mod torch_save;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +50,55 @@ fn model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::Tem
         index.to_string(),
     )
     .unwrap();
+    dir
+}
+
+/// A copy of the fixture directory whose weights are `tensors` saved as
+/// `torch.save` does, in `shards` files (with `pytorch_model.bin.index.json`
+/// when more than one). Every third tensor is stored as f32 and every fifth
+/// as a view into a larger storage, as real checkpoints mix them.
+fn pytorch_model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::TempDir {
+    let dir = model_with(&HashMap::new(), 1);
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    let mut seen = 0;
+    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
+        let file = if shards == 1 {
+            "pytorch_model.bin".to_string()
+        } else {
+            format!("pytorch_model-{:05}-of-{:05}.bin", i + 1, shards)
+        };
+        let entries: Vec<torch_save::Entry> = chunk
+            .iter()
+            .map(|name| {
+                seen += 1;
+                torch_save::Entry {
+                    name,
+                    tensor: &tensors[*name],
+                    dtype: if seen % 3 == 0 {
+                        candle_core::DType::F32
+                    } else {
+                        candle_core::DType::F16
+                    },
+                    offset: if seen % 5 == 0 { 7 } else { 0 },
+                }
+            })
+            .collect();
+        torch_save::save(&entries, &dir.path().join(&file));
+        for name in chunk {
+            weight_map.insert((*name).clone(), file.clone().into());
+        }
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(
+            dir.path().join("pytorch_model.bin.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+    }
     dir
 }
 
@@ -100,6 +152,63 @@ fn sharded_checkpoint_loads_the_same_model() {
         .join("model-00003-of-00003.safetensors")
         .is_file());
     assert_eq!(last_logits(dir.path()), single);
+}
+
+/// Checkpoints published before safetensors (`pytorch_model.bin`, one file
+/// or sharded with an index) load to exactly the same model.
+#[test]
+fn pytorch_checkpoint_loads_the_same_model() {
+    let single = last_logits(&fixture());
+    let tensors = fixture_tensors();
+    // The fixture's weights are float16 on disk, so writing some as f32
+    // changes no value.
+    assert!(tensors
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F16));
+    for shards in [1, 3] {
+        let dir = pytorch_model_with(&tensors, shards);
+        assert_eq!(last_logits(dir.path()), single, "{shards} shard(s)");
+    }
+    // Shards without their index are found by name; other .bin files
+    // (training_args.bin) are not taken for weights.
+    let dir = pytorch_model_with(&tensors, 2);
+    std::fs::remove_file(dir.path().join("pytorch_model.bin.index.json")).unwrap();
+    std::fs::write(dir.path().join("training_args.bin"), b"not weights").unwrap();
+    assert_eq!(last_logits(dir.path()), single, "shards without an index");
+
+    // Where both formats are present, safetensors is read, as transformers does.
+    let dir = pytorch_model_with(&tensors, 1);
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("pytorch_model.bin"), b"unreadable").unwrap();
+    assert_eq!(last_logits(dir.path()), single, "safetensors beside .bin");
+}
+
+#[test]
+fn pytorch_checkpoint_errors_name_file_and_tensor() {
+    let mut tensors = fixture_tensors();
+    tensors.remove("model.norm.weight");
+    let dir = pytorch_model_with(&tensors, 2);
+    let err = load_err(dir.path());
+    assert!(err.contains("missing tensor `model.norm.weight`"), "{err}");
+
+    let mut tensors = fixture_tensors();
+    let bad = tensors["model.layers.0.mlp.down_proj.weight"]
+        .narrow(1, 0, 8)
+        .unwrap();
+    tensors.insert("model.layers.0.mlp.down_proj.weight".into(), bad);
+    let err = load_err(pytorch_model_with(&tensors, 1).path());
+    assert!(
+        err.contains("model.layers.0.mlp.down_proj.weight") && err.contains(", 8]"),
+        "{err}"
+    );
+
+    let dir = pytorch_model_with(&fixture_tensors(), 1);
+    std::fs::write(dir.path().join("pytorch_model.bin"), b"PK not a zip").unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("pytorch_model.bin") && err.contains("not a PyTorch checkpoint"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -122,8 +122,13 @@ const OPTIONAL: &[&str] = &[
     "generation_config.json",
     "special_tokens_map.json",
 ];
-const INDEX: &str = "model.safetensors.index.json";
-const SINGLE: &str = "model.safetensors";
+/// Weights as (index, single file), in the order they are looked for:
+/// safetensors first, as transformers prefers it; PyTorch's .bin for
+/// checkpoints published before safetensors.
+const WEIGHTS: &[(&str, &str)] = &[
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+];
 
 fn repo(id: &str, revision: Option<&str>) -> Repo {
     match revision {
@@ -172,13 +177,14 @@ async fn fetch_from_hub(
         if !TOKENIZERS.iter().any(|file| get(file).is_some()) {
             return Err(missing(TOKENIZERS[0]));
         }
-        let weights = match get(INDEX) {
-            Some(index) => shard_names(&index)?,
-            None => vec![SINGLE.to_string()],
-        };
+        let weights = WEIGHTS.iter().find_map(|(index, single)| match get(index) {
+            Some(index) => Some(shard_names(&index)),
+            None => get(single).map(|_| Ok(vec![single.to_string()])),
+        });
+        let weights = weights.ok_or_else(|| missing(WEIGHTS[0].1))??;
         for file in &weights {
             if get(file).is_none() {
-                bail!("HF_HUB_OFFLINE is set and {id}/{file} is not in the cache");
+                return Err(missing(file));
             }
         }
         return Ok(config.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -217,23 +223,36 @@ async fn fetch_from_hub(
             tracing::debug!(file, %err, "optional file not fetched");
         }
     }
-    match remote.get(INDEX).await {
-        Ok(index) => {
-            for shard in shard_names(&index)? {
-                remote
-                    .get(&shard)
-                    .await
-                    .with_context(|| format!("downloading {id}/{shard}"))?;
+    let mut weight_errors = Vec::new();
+    'formats: for (index, single) in WEIGHTS {
+        let (files, from_index) = match remote.get(index).await {
+            Ok(index) => (shard_names(&index)?, true),
+            Err(err) => {
+                weight_errors.push(format!("{index}: {err}"));
+                (vec![single.to_string()], false)
+            }
+        };
+        for file in &files {
+            if let Err(err) = remote.get(file).await {
+                // A shard an index names must download; a missing single
+                // file only means the repo uses the next format.
+                if !from_index {
+                    weight_errors.push(format!("{file}: {err}"));
+                    continue 'formats;
+                }
+                return Err(err).with_context(|| format!("downloading {id}/{file}"));
             }
         }
-        Err(_) => {
-            remote.get(SINGLE).await.with_context(|| {
-                format!("downloading {id}/{SINGLE} (only safetensors weights are supported)")
-            })?;
-        }
+        return Ok(config.parent().map(Path::to_path_buf).unwrap_or_default());
     }
-    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+    bail!(
+        "{id} has no safetensors or pytorch_model.bin weights ({})",
+        weight_errors.join("; ")
+    )
 }
+
+#[cfg(test)]
+mod hub_tests;
 
 #[cfg(test)]
 mod tests {

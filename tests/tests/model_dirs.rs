@@ -125,3 +125,165 @@ async fn a_checkpoint_without_a_tokenizer_is_refused_at_startup() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Code Llama-shaped checkpoint: the bundled model with Code Llama's 16
+/// extra vocabulary pieces (ids 32000–32015; `▁<PRE>`, `▁<SUF>`, `▁<MID>`,
+/// `▁<EOT>` special), their embedding and output rows zero.
+fn code_llama_dir() -> PathBuf {
+    let dir = copy_of_bundled_model("code-llama", &["model.safetensors"]);
+    let bundled = workspace_root().join("models/tiny-llama");
+    let mut tensors = candle_core::safetensors::load(
+        bundled.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let rows = &tensors[name];
+        let extra = rows.narrow(0, 0, 16).unwrap().zeros_like().unwrap();
+        let grown = candle_core::Tensor::cat(&[rows, &extra], 0).unwrap();
+        tensors.insert(name.to_string(), grown);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = json!(32016);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let mut tokenizer: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let extra: Vec<String> = [
+        "<SU", "<SUF", "<PRE", "<M", "<MID", "<E", "<EOT", "<PRE>", "<SUF>", "<MID>",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .chain((1..=6).map(|n| "<EOT>".repeat(n)))
+    .map(|p| format!("\u{2581}{p}"))
+    .collect();
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
+    for (id, piece) in (32000..).zip(&extra) {
+        vocab.insert(piece.clone(), json!(id));
+    }
+    let added = tokenizer["added_tokens"].as_array_mut().unwrap();
+    for (id, piece) in (32007..).zip(&extra[7..11]) {
+        added.push(json!({
+            "id": id, "content": piece, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true,
+        }));
+    }
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir
+}
+
+/// `suffix` on a Code Llama model asks for the text between prompt and
+/// suffix: the prompt is Meta's `<PRE> prefix <SUF>suffix <MID>` and the
+/// answer ends at `<EOT>`, streamed or not.
+#[tokio::test]
+async fn code_llama_fills_in_the_middle() {
+    let dir = code_llama_dir();
+    let mut server = Server::builder()
+        .args([
+            "--model",
+            dir.to_str().unwrap(),
+            "--served-model-name",
+            "code",
+        ])
+        .start()
+        .await
+        .unwrap();
+    let prefix = "def add(a, b):\n    ";
+    let suffix = "\n\nprint(add(1, 2))\n";
+    let completion = |body: Value| {
+        let server = &server;
+        async move {
+            let reply = server.post_json("/v1/completions", &body).await.unwrap();
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            reply.body
+        }
+    };
+    let infilled = completion(json!({
+        "model": "code", "prompt": prefix, "suffix": suffix, "max_tokens": 12, "temperature": 0,
+    }))
+    .await;
+
+    // The same prompt spelled out as ids: BOS, <PRE>, the prefix, <SUF>, the
+    // suffix without a leading space piece, <MID>; generation stops at <EOT>.
+    let tokenize = |text: String| {
+        let server = &server;
+        async move {
+            let reply = server
+                .post_json(
+                    "/tokenize",
+                    &json!({"prompt": text, "add_special_tokens": false}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            reply.body["tokens"].as_array().unwrap().clone()
+        }
+    };
+    let mut ids = vec![json!(1), json!(32007)];
+    ids.extend(tokenize(prefix.to_string()).await);
+    ids.push(json!(32008));
+    let marked = tokenize(format!("\u{263A}{suffix}")).await;
+    assert_eq!(marked[..2], tokenize("\u{263A}".into()).await[..]);
+    ids.extend_from_slice(&marked[2..]);
+    ids.push(json!(32009));
+    let spelled_out = completion(json!({
+        "model": "code", "prompt": ids, "max_tokens": 12, "temperature": 0, "stop_token_ids": [32010],
+    }))
+    .await;
+    assert_eq!(
+        infilled["choices"][0]["text"],
+        spelled_out["choices"][0]["text"]
+    );
+    assert_eq!(infilled["usage"], spelled_out["usage"]);
+    assert_eq!(infilled["usage"]["prompt_tokens"], ids.len());
+    // Random weights do not pick <EOT> by themselves: 12 tokens of text.
+    assert_eq!(infilled["usage"]["completion_tokens"], 12, "{infilled}");
+    assert!(!infilled["choices"][0]["text"].as_str().unwrap().is_empty());
+
+    // Streamed: the same text in chunks.
+    let data = server
+        .post_sse(
+            "/v1/completions",
+            &json!({"model": "code", "prompt": prefix, "suffix": suffix, "max_tokens": 12,
+                    "temperature": 0, "stream": true}),
+        )
+        .await
+        .unwrap();
+    let streamed: String = e2e::parse_chunks(&data)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(json!(streamed), infilled["choices"][0]["text"]);
+
+    // <EOT> ends an infill; without a suffix it is just a token.
+    let forced_eot = json!({"32010": 100});
+    let ended = completion(json!({
+        "model": "code", "prompt": prefix, "suffix": suffix, "max_tokens": 5, "temperature": 0,
+        "logit_bias": forced_eot,
+    }))
+    .await;
+    assert_eq!(ended["choices"][0]["finish_reason"], "stop", "{ended}");
+    assert_eq!(ended["choices"][0]["text"], "");
+    let plain = completion(json!({
+        "model": "code", "prompt": prefix, "max_tokens": 5, "temperature": 0,
+        "logit_bias": forced_eot,
+    }))
+    .await;
+    assert_eq!(plain["choices"][0]["finish_reason"], "length", "{plain}");
+
+    // A suffix needs text prompts.
+    let reply = server
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "code", "prompt": [1, 2, 3], "suffix": "x"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    assert_eq!(reply.body["error"]["param"], "suffix");
+    server.terminate(Duration::from_secs(30)).await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -52,7 +52,32 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     add_bos: bool,
+    infill: Option<InfillTokens>,
 }
+
+/// Code Llama's fill-in-the-middle pieces: a prompt
+/// `<PRE> prefix <SUF>suffix <MID>` is answered with the middle, ended by
+/// `<EOT>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InfillTokens {
+    pub prefix: u32,
+    pub suffix: u32,
+    pub middle: u32,
+    pub end: u32,
+}
+
+/// The pieces as Code Llama's tokenizer names them (Meta's `piece_to_id`).
+const INFILL_PIECES: [&str; 4] = [
+    "\u{2581}<PRE>",
+    "\u{2581}<SUF>",
+    "\u{2581}<MID>",
+    "\u{2581}<EOT>",
+];
+
+/// A character that is one piece of its own, encoded before text that must
+/// not get SentencePiece's dummy-prefix space and then dropped (Meta's
+/// `encode_infilling` trick).
+const NO_PREFIX_MARK: &str = "\u{263A}";
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,13 +186,59 @@ impl Tokenizer {
         };
         let bos_id = lookup(config.bos, "<s>");
         let eos_id = lookup(config.eos, "</s>");
+        let infill = match INFILL_PIECES.map(|piece| inner.token_to_id(piece)) {
+            [Some(prefix), Some(suffix), Some(middle), Some(end)] => Some(InfillTokens {
+                prefix,
+                suffix,
+                middle,
+                end,
+            }),
+            _ => None,
+        };
         Ok(Self {
             inner: Arc::new(inner),
             plain: Arc::new(plain),
             bos_id,
             eos_id,
             add_bos: config.add_bos.unwrap_or(true),
+            infill,
         })
+    }
+
+    /// The fill-in-the-middle pieces, for models that have them (Code Llama).
+    pub fn infill_tokens(&self) -> Option<InfillTokens> {
+        self.infill
+    }
+
+    /// Meta's infilling prompt (`infilling_prompt_tokens` of codellama):
+    /// BOS, `<PRE>`, the prefix as text, `<SUF>`, the suffix without the
+    /// space SentencePiece would put before it, `<MID>`. Both texts are
+    /// untrusted, so they are encoded plain. `None` without infill pieces.
+    pub fn encode_infill(
+        &self,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<Option<Vec<u32>>, TokenizerError> {
+        let Some(infill) = self.infill else {
+            return Ok(None);
+        };
+        let mut ids = Vec::new();
+        if self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.push(infill.prefix);
+        ids.extend(self.encode_plain(prefix)?);
+        ids.push(infill.suffix);
+        let mark = self.encode_plain(NO_PREFIX_MARK)?;
+        let marked = self.encode_plain(&format!("{NO_PREFIX_MARK}{suffix}"))?;
+        match marked.strip_prefix(mark.as_slice()) {
+            Some(unspaced) => ids.extend_from_slice(unspaced),
+            // A vocabulary where the mark merges with what follows: the
+            // suffix keeps its dummy space rather than gaining the mark.
+            None => ids.extend(self.encode_plain(suffix)?),
+        }
+        ids.push(infill.middle);
+        Ok(Some(ids))
     }
 
     /// The published tokenizer, for code (such as the detokenizer) that needs
@@ -480,6 +551,85 @@ mod tests {
             err.contains("neither tokenizer.json nor tokenizer.model"),
             "{err}"
         );
+    }
+
+    /// The bundled tokenizer with Code Llama's 16 extra pieces (ids
+    /// 32000–32015, the fill-in-the-middle ones special), as in
+    /// codellama/CodeLlama-7b-hf.
+    fn code_llama_tokenizer() -> Tokenizer {
+        let mut json = read_json(&model_dir().join("tokenizer.json")).unwrap();
+        let extra = [
+            "\u{2581}<SU",
+            "\u{2581}<SUF",
+            "\u{2581}<PRE",
+            "\u{2581}<M",
+            "\u{2581}<MID",
+            "\u{2581}<E",
+            "\u{2581}<EOT",
+            "\u{2581}<PRE>",
+            "\u{2581}<SUF>",
+            "\u{2581}<MID>",
+            "\u{2581}<EOT>",
+            "\u{2581}<EOT><EOT>",
+            "\u{2581}<EOT><EOT><EOT>",
+            "\u{2581}<EOT><EOT><EOT><EOT>",
+            "\u{2581}<EOT><EOT><EOT><EOT><EOT>",
+            "\u{2581}<EOT><EOT><EOT><EOT><EOT><EOT>",
+        ];
+        let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+        for (i, piece) in extra.iter().enumerate() {
+            vocab.insert(piece.to_string(), serde_json::json!(32000 + i));
+        }
+        let added = json["added_tokens"].as_array_mut().unwrap();
+        for (id, piece) in (32007..).zip(&extra[7..11]) {
+            added.push(serde_json::json!({
+                "id": id, "content": piece, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true,
+            }));
+        }
+        Tokenizer::build(
+            Path::new("code-llama/tokenizer.json"),
+            json,
+            SpecialTokenConfig::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn infill_prompts_are_metas() {
+        assert_eq!(tokenizer().infill_tokens(), None);
+        assert_eq!(tokenizer().encode_infill("a", "b").unwrap(), None);
+
+        let tok = code_llama_tokenizer();
+        assert_eq!(tok.vocab_size(), 32016);
+        let infill = tok.infill_tokens().unwrap();
+        assert_eq!(
+            (infill.prefix, infill.suffix, infill.middle, infill.end),
+            (32007, 32008, 32009, 32010)
+        );
+        let prompt = |pre: &str, suf: &str| tok.encode_infill(pre, suf).unwrap().unwrap();
+
+        assert_eq!(prompt("", ""), vec![1, 32007, 32008, 32009]);
+        // The prefix keeps SentencePiece's leading space ("▁def"); the suffix
+        // does not ("world", not "▁world").
+        assert_eq!(
+            prompt("def", "world"),
+            vec![1, 32007, 822, 32008, 11526, 32009]
+        );
+        assert_eq!(tok.encode_plain("world").unwrap(), vec![3186]);
+
+        // A suffix starting with a newline: the plain encoding's lone "▁"
+        // piece (29871) is what the infill encoding leaves out.
+        let prefix = "def add(a, b):\n    ";
+        let suffix = "\n    return a + b\n";
+        let plain_suffix = tok.encode_plain(suffix).unwrap();
+        assert_eq!(plain_suffix[..2], [29871, 13]);
+        let mut expected = vec![1, 32007];
+        expected.extend(tok.encode_plain(prefix).unwrap());
+        expected.push(32008);
+        expected.extend(&plain_suffix[1..]);
+        expected.push(32009);
+        assert_eq!(prompt(prefix, suffix), expected);
     }
 
     #[test]

@@ -28,6 +28,14 @@ pub enum CodecError {
     Internal(String),
 }
 
+/// A prompt that asks for the text between a prefix and a suffix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfillPrompt {
+    pub ids: Vec<u32>,
+    /// Generation stops here (finish_reason `stop`), like at EOS.
+    pub end_token: u32,
+}
+
 pub trait Codec: Send + Sync + 'static {
     /// `add_special_tokens` adds BOS as the tokenizer's config asks.
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError>;
@@ -38,6 +46,11 @@ pub trait Codec: Send + Sync + 'static {
         turns: &[ChatTurn],
         default_system_prompt: Option<&str>,
     ) -> Result<Vec<u32>, CodecError>;
+    /// Code Llama's fill-in-the-middle prompt for text between `prefix` and
+    /// `suffix`, with the token that ends the middle; `None` for models
+    /// without infill tokens.
+    fn infill_prompt(&self, prefix: &str, suffix: &str)
+        -> Result<Option<InfillPrompt>, CodecError>;
     fn vocab_size(&self) -> usize;
     /// The vocabulary piece of `id`, e.g. `▁Hello` or `<0x0A>`.
     fn token_str(&self, id: u32) -> Option<String>;

@@ -3,7 +3,7 @@
 use llama_engine::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, Role};
 use llama_engine::tokenizer::{Tokenizer, TokenizerError};
 
-use crate::codec::{ChatRole, ChatTurn, Codec, CodecError};
+use crate::codec::{ChatRole, ChatTurn, Codec, CodecError, InfillPrompt};
 
 pub struct LlamaCodec {
     tokenizer: Tokenizer,
@@ -44,6 +44,25 @@ impl Codec for LlamaCodec {
         self.tokenizer
             .encode(text, add_special_tokens)
             .map_err(tokenizer_error)
+    }
+
+    fn infill_prompt(
+        &self,
+        prefix: &str,
+        suffix: &str,
+    ) -> Result<Option<InfillPrompt>, CodecError> {
+        let (Some(tokens), Some(ids)) = (
+            self.tokenizer.infill_tokens(),
+            self.tokenizer
+                .encode_infill(prefix, suffix)
+                .map_err(tokenizer_error)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(InfillPrompt {
+            ids,
+            end_token: tokens.end,
+        }))
     }
 
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, CodecError> {

@@ -9,6 +9,7 @@ use axum::Json;
 use llama_engine::SampledLogprobs;
 use serde_json::Value;
 
+use crate::codec::Codec;
 use crate::error::ApiError;
 use crate::generate::{self, ChoiceEvent, PromptJob};
 use crate::json::ApiJson;
@@ -44,13 +45,15 @@ pub async fn completions(
             "echoing the prompt is not implemented",
         ));
     }
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::unsupported(
+    let inputs = parse_prompt(&req.prompt, state.options.limits.max_prompts)?;
+    // The text goes between each prompt and the suffix (Code Llama's infilling).
+    let suffix = req.suffix.clone().filter(|s| !s.is_empty());
+    if suffix.is_some() && inputs.iter().any(|i| matches!(i, PromptInput::Ids(_))) {
+        return Err(ApiError::param(
             "suffix",
-            "Llama 2 has no fill-in-the-middle mode",
+            "`suffix` needs text prompts, not token ids",
         ));
     }
-    let inputs = parse_prompt(&req.prompt, state.options.limits.max_prompts)?;
     let logprobs = match req.logprobs {
         Some(k) if k < 0 => {
             return Err(ApiError::param("logprobs", "`logprobs` must be at least 0"))
@@ -76,7 +79,7 @@ pub async fn completions(
         logprobs,
     };
     let vocab_size = state.codec.vocab_size();
-    let params = validate_sampling(
+    let mut params = validate_sampling(
         &fields,
         &state.options.generation_defaults,
         &state.options.limits,
@@ -95,19 +98,10 @@ pub async fn completions(
         }
     }
 
-    let prompts = state
-        .blocking(move |codec| {
-            inputs
-                .into_iter()
-                .map(|input| match input {
-                    PromptInput::Text(text) => codec
-                        .encode(&text, true)
-                        .map_err(|e| codec_error(e, "prompt")),
-                    PromptInput::Ids(ids) => Ok(ids),
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
+    let (prompts, infill_end) = state
+        .blocking(move |codec| encode_prompts(codec, inputs, suffix.as_deref()))
         .await?;
+    params.stop.stop_token_ids.extend(infill_end);
     let max_context = state.backend.max_context();
     let default_max = Some(state.options.completions_default_max_tokens);
     let mut jobs = Vec::with_capacity(prompts.len());
@@ -184,6 +178,40 @@ pub async fn completions(
         usage: Some(UsageInfo::new(submitted.prompt_tokens, completion_tokens)),
     };
     Ok(Json(response).into_response())
+}
+
+/// The prompts' ids, and with a suffix the token that ends an infill.
+fn encode_prompts(
+    codec: &dyn Codec,
+    inputs: Vec<PromptInput>,
+    suffix: Option<&str>,
+) -> Result<(Vec<Vec<u32>>, Option<u32>), ApiError> {
+    let mut end = None;
+    let mut prompts = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        prompts.push(match (input, suffix) {
+            (PromptInput::Ids(ids), _) => ids,
+            (PromptInput::Text(text), None) => codec
+                .encode(&text, true)
+                .map_err(|e| codec_error(e, "prompt"))?,
+            (PromptInput::Text(text), Some(suffix)) => {
+                let infill = codec
+                    .infill_prompt(&text, suffix)
+                    .map_err(|e| codec_error(e, "suffix"))?
+                    .ok_or_else(|| {
+                        ApiError::unsupported(
+                            "suffix",
+                            "this model has no fill-in-the-middle tokens (Code Llama's \
+                             \u{2581}<PRE>, \u{2581}<SUF>, \u{2581}<MID>, \u{2581}<EOT>), so it cannot \
+                             complete between a prompt and a suffix",
+                        )
+                    })?;
+                end = Some(infill.end_token);
+                infill.ids
+            }
+        });
+    }
+    Ok((prompts, end))
 }
 
 fn rename_param(err: ApiError, from: &str, to: &str) -> ApiError {

@@ -229,7 +229,13 @@ fn table(long_prompt: &str, long_prompt_tokens: u64) -> Vec<Case> {
             400,
         )
         .param("response_format"),
-        case("echo", CMPL, cmpl_with("echo", json!(true)), 400).param("echo"),
+        case(
+            "echo with suffix",
+            CMPL,
+            json!({"model": "tiny-llama", "prompt": "Hi", "echo": true, "suffix": "x"}),
+            400,
+        )
+        .param("echo"),
         case("suffix", CMPL, cmpl_with("suffix", json!("end")), 400).param("suffix"),
         // Prompts.
         case("prompt missing", CMPL, cmpl_with("prompt", Value::Null), 400),

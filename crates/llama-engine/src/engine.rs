@@ -17,8 +17,8 @@ use crate::request::{
     EngineError, FinishReason, GenerateRequest, SampledLogprobs, StreamEvent, TokenLogprob, Usage,
 };
 use crate::runner::{CandleRunner, ModelRunner, StepOutput};
-use crate::sampling::{Sampled, Sampler};
-use crate::scheduler::{Scheduler, SchedulerConfig, SeqId, StepPlan};
+use crate::sampling::{log_probs, Sampled, Sampler, MAX_TOP_LOGPROBS};
+use crate::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig, SeqId, StepPlan};
 use crate::stop::StopMatcher;
 use crate::tokenizer::Tokenizer;
 
@@ -213,6 +213,10 @@ struct SeqState {
     stop: StopMatcher,
     prompt_len: usize,
     generated: usize,
+    /// The prompt's scores so far, when its request wants them: entry `i`
+    /// scores prompt token `i` (entry 0 is always `None`). Only the choice
+    /// that runs the prompt has them, until they are sent.
+    prompt_scores: Option<Vec<Option<SampledLogprobs>>>,
 }
 
 /// A token picked for a sequence, whose detokenization, stop-string check
@@ -275,6 +279,7 @@ impl Engine {
             let mut plan = self.scheduler.schedule();
             self.after_schedule(&plan);
             plan.picks = self.row_picks(&plan);
+            self.mark_prompt_scoring(&mut plan);
             if plan.is_empty() {
                 self.send_tokens(&mut picked);
                 // Nothing fits right now (e.g. blocks held by forks); yield instead of spinning hot.
@@ -412,6 +417,7 @@ impl Engine {
             stop: StopMatcher::new(request.stop.stop_strings.clone()),
             prompt_len: request.prompt.len(),
             generated: 0,
+            prompt_scores: (choice == 0 && request.prompt_logprobs.is_some()).then(|| vec![None]),
         }
     }
 
@@ -490,8 +496,13 @@ impl Engine {
     /// so that the next step can be scheduled, and into `picked` to be sent.
     fn pick_tokens(&mut self, plan: &StepPlan, output: &StepOutput, picked: &mut Vec<Picked>) {
         let (mut sampled, mut host_rows) = (0, 0);
-        for chunk in &plan.chunks {
+        let mut all_logits = output.all_logits.iter().peekable();
+        for (i, chunk) in plan.chunks.iter().enumerate() {
             self.scheduler.mark_computed(chunk.seq, chunk.tokens.len());
+            if let Some((_, rows)) = all_logits.next_if(|(c, _)| *c == i) {
+                self.score_prompt(chunk, rows, output.vocab);
+            }
+            self.send_prompt_scores(chunk.seq);
             if !chunk.sample {
                 continue;
             }
@@ -514,6 +525,76 @@ impl Engine {
                 }
                 picked.extend(self.pick(seq, id));
             }
+        }
+    }
+
+    /// Asks for every position's logits of chunks whose sequence scores its
+    /// prompt and still lacks the scores of some of the chunk's positions
+    /// (a recomputed prompt after preemption is not scored twice).
+    fn mark_prompt_scoring(&self, plan: &mut StepPlan) {
+        for chunk in &mut plan.chunks {
+            let Some(st) = self.seqs.get(&chunk.seq) else {
+                continue;
+            };
+            let Some(scores) = &st.prompt_scores else {
+                continue;
+            };
+            // The logits at position p score prompt token p + 1.
+            let unscored = scores.len() - 1..st.prompt_len.saturating_sub(1);
+            let positions = chunk.start_pos..chunk.start_pos + chunk.tokens.len();
+            chunk.all_logits = positions.start < unscored.end && unscored.start < positions.end;
+        }
+    }
+
+    /// Scores the prompt tokens that `rows`, the logits of every position of
+    /// `chunk`, predict.
+    fn score_prompt(&mut self, chunk: &ScheduledChunk, rows: &[f32], vocab: usize) {
+        let Some(st) = self.seqs.get_mut(&chunk.seq) else {
+            return;
+        };
+        let Some(r) = self.requests.get(&st.request) else {
+            return;
+        };
+        let (Some(k), Some(scores)) = (r.request.prompt_logprobs, st.prompt_scores.as_mut()) else {
+            return;
+        };
+        let prompt = &r.request.prompt;
+        for (j, row) in rows.chunks_exact(vocab).enumerate() {
+            let target = chunk.start_pos + j + 1;
+            if target != scores.len() || target >= prompt.len() {
+                continue;
+            }
+            let (logprob, top) = log_probs(row, prompt[target], k.min(MAX_TOP_LOGPROBS));
+            scores.push(Some(token_logprobs(
+                &self.tokenizer,
+                prompt[target],
+                logprob,
+                &top,
+            )));
+        }
+    }
+
+    /// Sends a sequence's prompt scores to every choice once they are complete.
+    fn send_prompt_scores(&mut self, seq_id: SeqId) {
+        let Some(st) = self.seqs.get_mut(&seq_id) else {
+            return;
+        };
+        if st
+            .prompt_scores
+            .as_ref()
+            .is_none_or(|s| s.len() < st.prompt_len)
+        {
+            return;
+        }
+        let scores = st.prompt_scores.take().unwrap_or_default();
+        let Some(r) = self.requests.get(&st.request) else {
+            return;
+        };
+        for index in 0..r.request.n.max(1) {
+            let _ = r.events.send(Ok(StreamEvent::PromptLogprobs {
+                index,
+                logprobs: scores.clone(),
+            }));
         }
     }
 
@@ -677,16 +758,7 @@ impl Engine {
     }
 
     fn logprobs(&self, sampled: &Sampled) -> SampledLogprobs {
-        let entry = |id: u32, logprob: f32| TokenLogprob {
-            id,
-            token: self.tokenizer.token_text(id),
-            bytes: self.tokenizer.token_bytes(id),
-            logprob,
-        };
-        SampledLogprobs {
-            chosen: entry(sampled.id, sampled.logprob),
-            top: sampled.top.iter().map(|&(id, lp)| entry(id, lp)).collect(),
-        }
+        token_logprobs(&self.tokenizer, sampled.id, sampled.logprob, &sampled.top)
     }
 
     fn finish_seq(&mut self, seq_id: SeqId) {
@@ -760,6 +832,25 @@ impl Engine {
 }
 
 /// Runs a runner call, turning a panic into the step's error.
+/// A token's logprob and its top alternatives, with their texts.
+fn token_logprobs(
+    tokenizer: &Tokenizer,
+    id: u32,
+    logprob: f32,
+    top: &[(u32, f32)],
+) -> SampledLogprobs {
+    let entry = |id: u32, logprob: f32| TokenLogprob {
+        id,
+        token: tokenizer.token_text(id),
+        bytes: tokenizer.token_bytes(id),
+        logprob,
+    };
+    SampledLogprobs {
+        chosen: entry(id, logprob),
+        top: top.iter().map(|&(id, lp)| entry(id, lp)).collect(),
+    }
+}
+
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| Err(panic_message(panic)))
 }

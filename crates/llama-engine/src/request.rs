@@ -73,6 +73,10 @@ pub struct GenerateRequest {
     pub n: usize,
     /// `Some(k)`: return each chosen token's logprob and the top `k` alternatives (k ≤ 20).
     pub logprobs: Option<usize>,
+    /// `Some(k)`: also score the prompt, each token given the ones before it,
+    /// with the top `k` alternatives (OpenAI's `echo` with `logprobs`; vLLM's
+    /// `prompt_logprobs`). Sent as [`StreamEvent::PromptLogprobs`].
+    pub prompt_logprobs: Option<usize>,
     /// The request fails with [`EngineError::Timeout`] if still unfinished then.
     pub deadline: Option<Instant>,
 }
@@ -89,6 +93,7 @@ impl GenerateRequest {
             },
             n: 1,
             logprobs: None,
+            prompt_logprobs: None,
             deadline: None,
         }
     }
@@ -140,6 +145,13 @@ pub struct SampledLogprobs {
 /// What a [`crate::Generation`] yields.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
+    /// The prompt's tokens scored by the model, one entry per prompt token
+    /// (the first has none: nothing comes before it), for a request with
+    /// `prompt_logprobs`. Sent once per choice, before its first `Token`.
+    PromptLogprobs {
+        index: usize,
+        logprobs: Vec<Option<SampledLogprobs>>,
+    },
     /// A generated token of choice `index`. `text` is the text this token
     /// releases: possibly empty (an incomplete UTF-8 character, or text held
     /// back because it may start a stop string), possibly more than the token

@@ -15,6 +15,10 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
     /// Empty, or one entry per sampling chunk.
     pub ids: Vec<Option<u32>>,
+    /// For each chunk with [`ScheduledChunk::all_logits`](crate::scheduler::ScheduledChunk):
+    /// its index in the plan and the logits of all its positions, row-major
+    /// `[tokens, vocab]`.
+    pub all_logits: Vec<(usize, Vec<f32>)>,
 }
 
 impl StepOutput {
@@ -66,6 +70,8 @@ struct InFlight {
     picked: Option<(Vec<usize>, Tensor)>,
     /// The other sampling chunks' logits, `[len, vocab]`.
     logits: Option<Tensor>,
+    /// Chunks that asked for every position's logits: plan index, `[tokens, vocab]`.
+    all_logits: Vec<(usize, Tensor)>,
 }
 
 /// The real thing: a Candle [`LlamaModel`] and its [`KvCache`].
@@ -146,7 +152,7 @@ impl CandleRunner {
                     tokens: &c.tokens,
                     start_pos: c.start_pos,
                     block_table: &c.block_table,
-                    all_logits: false,
+                    all_logits: c.all_logits,
                 })
                 .collect(),
         );
@@ -171,6 +177,13 @@ impl CandleRunner {
             let values = select_rows(&logits.values, &rows, &on_device)?;
             Some((on_device, pick_rows_lazily(&values, &picks)?))
         };
+        let all_logits = logits
+            .all_rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.map(|(first, len)| (i, first, len)))
+            .map(|(i, first, len)| Ok((i, logits.values.narrow(0, first, len)?)))
+            .collect::<llama_model::Result<Vec<_>>>()?;
         let logits = if to_host.is_empty() {
             None
         } else {
@@ -180,6 +193,7 @@ impl CandleRunner {
             rows: rows.len(),
             picked,
             logits,
+            all_logits,
         })
     }
 
@@ -197,7 +211,17 @@ impl CandleRunner {
             Some(l) => l.flatten_all()?.to_vec1()?,
             None => Vec::new(),
         };
-        Ok(StepOutput { vocab, logits, ids })
+        let all_logits = step
+            .all_logits
+            .into_iter()
+            .map(|(i, rows)| Ok((i, rows.flatten_all()?.to_vec1()?)))
+            .collect::<llama_model::Result<_>>()?;
+        Ok(StepOutput {
+            vocab,
+            logits,
+            ids,
+            all_logits,
+        })
     }
 }
 

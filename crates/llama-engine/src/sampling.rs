@@ -430,7 +430,7 @@ fn best_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
 }
 
 /// Log-softmax of the processed logits at `id` and at the `k` best tokens.
-fn log_probs(logits: &[f32], id: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+pub(crate) fn log_probs(logits: &[f32], id: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
     let max = max_logit(logits);
     let sum = SCRATCH.with_borrow_mut(|s| fill_weights(logits, max, 1.0, &mut s.weights));
     let log_sum = sum.ln();

@@ -57,6 +57,9 @@ pub struct ScheduledChunk {
     pub block_table: BlockTable,
     /// This chunk reaches the sequence's last token: its logits pick the next token.
     pub sample: bool,
+    /// The logits of every position are wanted, not only the last (prompt
+    /// logprobs; set by the engine, not the scheduler).
+    pub all_logits: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -268,6 +271,7 @@ impl Scheduler {
             start_pos: s.computed,
             block_table: s.table.clone(),
             sample: s.computed + len == s.tokens.len(),
+            all_logits: false,
         }
     }
 

@@ -247,6 +247,11 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// The same, shared rather than borrowed (for an [`IncrementalDetokenizer`](crate::detokenizer::IncrementalDetokenizer)).
+    pub fn shared_hf(&self) -> Arc<tokenizers::Tokenizer> {
+        self.inner.clone()
+    }
+
     /// Exactly what `tokenizer.json` gives; `add_bos` is transformers'
     /// `add_special_tokens`, so literal special-token text becomes control ids.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use llama_engine::tokenizer::Tokenizer;
 use llama_engine::{
-    start_engine, EngineConfig, EngineHandle, FinishReason, GenerateRequest, SamplingParams,
-    StreamEvent, SubmitError,
+    start_engine, EngineConfig, EngineHandle, FinishReason, GenerateRequest, SampledLogprobs,
+    SamplingParams, StreamEvent, SubmitError,
 };
 use llama_model::{Device, KvBudget, KvCacheSpec, LlamaModel, ModelOptions};
 use serde_json::Value;
@@ -63,6 +63,7 @@ struct Choice {
     text: String,
     finish: Option<FinishReason>,
     completion_tokens: usize,
+    prompt_logprobs: Option<Vec<Option<SampledLogprobs>>>,
 }
 
 /// Collects every event of a generation (blocking).
@@ -70,6 +71,11 @@ fn collect(mut g: llama_engine::Generation, n: usize) -> Vec<Choice> {
     let mut choices = vec![Choice::default(); n];
     while let Some(ev) = g.blocking_next() {
         match ev.expect("no engine error") {
+            StreamEvent::PromptLogprobs { index, logprobs } => {
+                let choice = &mut choices[index];
+                assert!(choice.ids.is_empty() && choice.prompt_logprobs.is_none());
+                choice.prompt_logprobs = Some(logprobs);
+            }
             StreamEvent::Token {
                 index, id, text, ..
             } => {
@@ -108,6 +114,74 @@ fn wait_idle(handle: &EngineHandle) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Prompt logprobs (`echo` with `logprobs`): every prompt position's top 5
+/// equal the reference's, in order and gaps, whether the prompt runs in one
+/// step or in chunks; every choice gets them, before its first token.
+#[test]
+fn prompt_logprobs_match_the_reference_at_every_position() {
+    let chunked = engine(EngineConfig {
+        max_num_batched_tokens: 5,
+        ..Default::default()
+    })
+    .0;
+    let whole = default_engine().0;
+    let mut checked = 0;
+    for p in reference()["prompts"].as_array().unwrap() {
+        let Some(top5_ids) = p.get("all_positions_top5_ids") else {
+            continue;
+        };
+        let prompt = ids(&p["prompt_ids"]);
+        let mut results = Vec::new();
+        for handle in [&whole, &chunked] {
+            let mut request = greedy(prompt.clone(), 2);
+            request.prompt_logprobs = Some(5);
+            request.n = 2;
+            let choices = collect(handle.submit(request).unwrap(), 2);
+            assert_eq!(choices[0].ids, ids(&p["greedy_ids"])[..2], "{}", p["name"]);
+            assert_eq!(choices[0].prompt_logprobs, choices[1].prompt_logprobs);
+            results.push(
+                choices[0]
+                    .prompt_logprobs
+                    .clone()
+                    .expect("prompt logprobs sent"),
+            );
+        }
+        for scores in &results {
+            assert_eq!(scores.len(), prompt.len(), "{}", p["name"]);
+            assert!(scores[0].is_none());
+            // Position `pos` (all but the last) scores prompt token `pos + 1`.
+            for (pos, entry) in scores[1..].iter().enumerate() {
+                let entry = entry.as_ref().expect("scored");
+                assert_eq!(entry.chosen.id, prompt[pos + 1]);
+                let top: Vec<u32> = entry.top.iter().map(|t| t.id).collect();
+                assert_eq!(top, ids(&top5_ids[pos]), "{} position {pos}", p["name"]);
+                let logits = p["all_positions_top5_logits"][pos].as_array().unwrap();
+                for k in 1..5 {
+                    let want = logits[0].as_f64().unwrap() - logits[k].as_f64().unwrap();
+                    let got = f64::from(entry.top[0].logprob - entry.top[k].logprob);
+                    assert!(
+                        (want - got).abs() < 1e-3,
+                        "{} position {pos}: gap {got} vs {want}",
+                        p["name"]
+                    );
+                }
+                assert!(entry.top[0].logprob < 0.0 && entry.chosen.logprob <= entry.top[0].logprob);
+                if let Some(same) = entry.top.iter().find(|t| t.id == entry.chosen.id) {
+                    assert_eq!(same.logprob, entry.chosen.logprob);
+                }
+            }
+        }
+        for (a, b) in results[0].iter().zip(&results[1]).skip(1) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert!((a.chosen.logprob - b.chosen.logprob).abs() < 1e-4);
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+    wait_idle(&whole);
+    wait_idle(&chunked);
 }
 
 #[test]

@@ -54,4 +54,9 @@ pub trait Codec: Send + Sync + 'static {
     fn vocab_size(&self) -> usize;
     /// The vocabulary piece of `id`, e.g. `▁Hello` or `<0x0A>`.
     fn token_str(&self, id: u32) -> Option<String>;
+    /// The text of `id` alone as logprobs show it (` Hello`, `\n`).
+    fn token_text(&self, id: u32) -> String;
+    /// `decode(ids)` (special tokens skipped) and, per token, the character
+    /// offset in it where the token's text begins.
+    fn decode_with_offsets(&self, ids: &[u32]) -> (String, Vec<usize>);
 }

@@ -15,6 +15,11 @@ use crate::validation::GenerationParams;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChoiceEvent {
+    /// The scored prompt of a choice (echo with logprobs), before its tokens.
+    PromptLogprobs {
+        index: usize,
+        logprobs: Vec<Option<SampledLogprobs>>,
+    },
     Token {
         index: usize,
         text: String,
@@ -73,6 +78,7 @@ pub fn submit(
             stop,
             n,
             logprobs: params.logprobs,
+            prompt_logprobs: params.prompt_logprobs,
             deadline,
         };
         let events = state.backend.submit(request)?;
@@ -91,6 +97,10 @@ pub fn submit(
 
 fn renumber(event: StreamEvent, offset: usize) -> ChoiceEvent {
     match event {
+        StreamEvent::PromptLogprobs { index, logprobs } => ChoiceEvent::PromptLogprobs {
+            index: offset + index,
+            logprobs,
+        },
         StreamEvent::Token {
             index,
             text,
@@ -123,6 +133,8 @@ pub struct CollectedChoice {
     pub text_offsets: Vec<usize>,
     pub finish_reason: Option<FinishReason>,
     pub completion_tokens: usize,
+    /// The scored prompt, when the request asked for it.
+    pub prompt_logprobs: Option<Vec<Option<SampledLogprobs>>>,
 }
 
 /// Folds the event stream into whole choices: the same events a stream sends.
@@ -134,6 +146,12 @@ pub async fn collect(
     let mut char_lens = vec![0usize; num_choices];
     while let Some(event) = events.next().await {
         match event? {
+            ChoiceEvent::PromptLogprobs { index, logprobs } => {
+                let choice = choices.get_mut(index).ok_or_else(|| {
+                    ApiError::internal(format!("engine sent choice {index} of {num_choices}"))
+                })?;
+                choice.prompt_logprobs = Some(logprobs);
+            }
             ChoiceEvent::Token {
                 index,
                 text,

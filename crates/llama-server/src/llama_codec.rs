@@ -1,6 +1,7 @@
 //! [`Codec`] over the engine's Llama tokenizer and chat template.
 
 use llama_engine::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, Role};
+use llama_engine::detokenizer::IncrementalDetokenizer;
 use llama_engine::tokenizer::{Tokenizer, TokenizerError};
 
 use crate::codec::{ChatRole, ChatTurn, Codec, CodecError, InfillPrompt};
@@ -105,5 +106,22 @@ impl Codec for LlamaCodec {
 
     fn token_str(&self, id: u32) -> Option<String> {
         self.tokenizer.hf().id_to_token(id)
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer.token_text(id)
+    }
+
+    fn decode_with_offsets(&self, ids: &[u32]) -> (String, Vec<usize>) {
+        // Streamed as generated text is, so offsets mean the same for both.
+        let mut detok = IncrementalDetokenizer::new(self.tokenizer.shared_hf(), &[]);
+        let mut chars = 0;
+        let mut offsets = Vec::with_capacity(ids.len());
+        for &id in ids {
+            offsets.push(chars);
+            chars += detok.push(id).chars().count();
+        }
+        detok.finish();
+        (detok.text().to_string(), offsets)
     }
 }

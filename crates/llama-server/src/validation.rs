@@ -61,6 +61,8 @@ pub struct GenerationParams {
     pub max_tokens: Option<usize>,
     pub n: usize,
     pub logprobs: Option<usize>,
+    /// Score the prompt too, with this many alternatives (echo with logprobs).
+    pub prompt_logprobs: Option<usize>,
 }
 
 fn finite(value: f64, param: &str) -> Result<f64, ApiError> {
@@ -241,6 +243,7 @@ pub fn validate_sampling(
         max_tokens,
         n,
         logprobs: fields.logprobs,
+        prompt_logprobs: None,
     })
 }
 

@@ -397,7 +397,7 @@ async fn bad_requests_get_openai_errors() {
         ),
         (
             "/v1/completions",
-            json!({"prompt": "x", "echo": true}),
+            json!({"prompt": "x", "echo": true, "suffix": "y"}),
             400,
             Some("echo"),
         ),

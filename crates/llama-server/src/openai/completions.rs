@@ -83,8 +83,9 @@ pub struct CompletionChoice {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<HashMap<String, f32>>,
+    /// `null` for an echoed prompt's first token: nothing comes before it.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
     /// Character offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }

@@ -371,6 +371,8 @@ impl ChunkFormatter for ChatFormatter {
 
     fn event(&mut self, event: ChoiceEvent) -> Vec<axum::response::sse::Event> {
         match event {
+            // Chat never asks for the prompt's scores.
+            ChoiceEvent::PromptLogprobs { .. } => Vec::new(),
             ChoiceEvent::Token {
                 index,
                 text,

@@ -39,15 +39,16 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     check_model(req.model.as_deref(), &state.model_names)?;
-    if req.echo.unwrap_or(false) {
-        return Err(ApiError::unsupported(
-            "echo",
-            "echoing the prompt is not implemented",
-        ));
-    }
+    let echo = req.echo.unwrap_or(false);
     let inputs = parse_prompt(&req.prompt, state.options.limits.max_prompts)?;
     // The text goes between each prompt and the suffix (Code Llama's infilling).
     let suffix = req.suffix.clone().filter(|s| !s.is_empty());
+    if suffix.is_some() && echo {
+        return Err(ApiError::param(
+            "echo",
+            "`echo` and `suffix` cannot be used together",
+        ));
+    }
     if suffix.is_some() && inputs.iter().any(|i| matches!(i, PromptInput::Ids(_))) {
         return Err(ApiError::param(
             "suffix",
@@ -98,8 +99,31 @@ pub async fn completions(
         }
     }
 
-    let (prompts, infill_end) = state
-        .blocking(move |codec| encode_prompts(codec, inputs, suffix.as_deref()))
+    // Echo with logprobs scores the prompt too, as OpenAI's legacy API did
+    // (what lm-evaluation-harness uses to compute log-likelihoods).
+    params.prompt_logprobs = logprobs.filter(|_| echo);
+    let (prompts, infill_end, echoes) = state
+        .blocking(move |codec| {
+            // The prompt as sent; token-id prompts are echoed decoded.
+            let texts: Option<Vec<Option<String>>> = echo.then(|| {
+                inputs
+                    .iter()
+                    .map(|input| match input {
+                        PromptInput::Text(text) => Some(text.clone()),
+                        PromptInput::Ids(_) => None,
+                    })
+                    .collect()
+            });
+            let (prompts, end) = encode_prompts(codec, inputs, suffix.as_deref())?;
+            let echoes = texts.map(|texts| {
+                texts
+                    .into_iter()
+                    .zip(&prompts)
+                    .map(|(text, ids)| Echo::new(codec, text, ids))
+                    .collect::<Vec<_>>()
+            });
+            Ok((prompts, end, echoes))
+        })
         .await?;
     params.stop.stop_token_ids.extend(infill_end);
     let max_context = state.backend.max_context();
@@ -143,6 +167,9 @@ pub async fn completions(
             completion_tokens: 0,
             logprobs: logprobs.is_some(),
             char_offsets: vec![0; submitted.num_choices],
+            echoed: vec![false; submitted.num_choices],
+            echoes,
+            n: params.n,
         };
         return Ok(sse::stream_response(
             submitted.events,
@@ -162,17 +189,27 @@ pub async fn completions(
         choices: choices
             .into_iter()
             .enumerate()
-            .map(|(index, c)| CompletionChoice {
-                index,
-                logprobs: logprobs.map(|_| {
-                    let mut all = CompletionLogprobs::default();
-                    for (lp, &offset) in c.logprobs.iter().zip(&c.text_offsets) {
-                        all.extend(completion_logprob(lp, offset));
-                    }
-                    all
-                }),
-                text: c.text,
-                finish_reason: c.finish_reason.map(|f| f.as_str().to_string()),
+            .map(|(index, c)| {
+                let echo = echoes.as_ref().map(|e| &e[index / params.n]);
+                let shift = echo.map_or(0, |e| e.text.chars().count());
+                CompletionChoice {
+                    index,
+                    logprobs: logprobs.map(|_| {
+                        let mut all = match (echo, &c.prompt_logprobs) {
+                            (Some(echo), Some(scores)) => echo.logprobs(scores),
+                            _ => CompletionLogprobs::default(),
+                        };
+                        for (lp, &offset) in c.logprobs.iter().zip(&c.text_offsets) {
+                            all.extend(completion_logprob(lp, shift + offset));
+                        }
+                        all
+                    }),
+                    text: match echo {
+                        Some(echo) => format!("{}{}", echo.text, c.text),
+                        None => c.text,
+                    },
+                    finish_reason: c.finish_reason.map(|f| f.as_str().to_string()),
+                }
             })
             .collect(),
         usage: Some(UsageInfo::new(submitted.prompt_tokens, completion_tokens)),
@@ -302,9 +339,54 @@ fn completion_logprob(lp: &SampledLogprobs, offset: usize) -> CompletionLogprobs
         .collect();
     CompletionLogprobs {
         tokens: vec![lp.chosen.token.clone()],
-        token_logprobs: vec![lp.chosen.logprob],
-        top_logprobs: vec![top],
+        token_logprobs: vec![Some(lp.chosen.logprob)],
+        top_logprobs: vec![Some(top)],
         text_offset: vec![offset],
+    }
+}
+
+/// The prompt text an `echo` request gets back before each choice's text,
+/// with what its logprobs need.
+#[derive(Debug, Clone)]
+struct Echo {
+    /// The prompt as sent, or decoded when it was sent as token ids.
+    text: String,
+    /// The first prompt token's text: it has no logprob, only a place.
+    first_token: String,
+    /// Where each prompt token's text begins in the decoded prompt.
+    offsets: Vec<usize>,
+}
+
+impl Echo {
+    fn new(codec: &dyn Codec, text: Option<String>, ids: &[u32]) -> Self {
+        let (decoded, offsets) = codec.decode_with_offsets(ids);
+        Self {
+            text: text.unwrap_or(decoded),
+            first_token: ids
+                .first()
+                .map(|&id| codec.token_text(id))
+                .unwrap_or_default(),
+            offsets,
+        }
+    }
+
+    /// The prompt's entries of a choice's logprobs: the first token with
+    /// `null`s, as OpenAI sends it, then each scored token.
+    fn logprobs(&self, scores: &[Option<SampledLogprobs>]) -> CompletionLogprobs {
+        let mut all = CompletionLogprobs::default();
+        for (i, score) in scores.iter().enumerate() {
+            let offset = self.offsets.get(i).copied().unwrap_or(0);
+            match score {
+                Some(lp) => all.extend(completion_logprob(lp, offset)),
+                None => all.extend(CompletionLogprobs {
+                    tokens: vec![self.first_token.clone()],
+                    token_logprobs: vec![None],
+                    top_logprobs: vec![None],
+                    text_offset: vec![offset],
+                }),
+            }
+        }
+        all
     }
 }
 
@@ -318,29 +400,27 @@ struct CompletionFormatter {
     completion_tokens: usize,
     logprobs: bool,
     char_offsets: Vec<usize>,
+    /// Per prompt, with `echo`: sent first in each of its choices.
+    echoes: Option<Vec<Echo>>,
+    echoed: Vec<bool>,
+    n: usize,
 }
 
 impl CompletionFormatter {
-    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<UsageInfo>) -> Completion {
-        Completion {
-            id: self.id.clone(),
-            object: "text_completion".into(),
-            created: self.created,
-            model: self.model.clone(),
-            system_fingerprint: self.fingerprint.clone(),
-            choices,
-            usage,
+    /// The prompt to echo before choice `index`'s first text, once.
+    fn take_echo(&mut self, index: usize) -> Option<Echo> {
+        let echo = self.echoes.as_ref()?.get(index / self.n.max(1))?.clone();
+        let echoed = self.echoed.get_mut(index)?;
+        if std::mem::replace(echoed, true) {
+            return None;
         }
-    }
-}
-
-impl ChunkFormatter for CompletionFormatter {
-    fn start(&mut self) -> Vec<Event> {
-        Vec::new()
+        Some(echo)
     }
 
-    fn event(&mut self, event: ChoiceEvent) -> Vec<Event> {
+    fn choice_event(&mut self, event: ChoiceEvent) -> Vec<Event> {
         match event {
+            // Sent with the echo, which it always precedes.
+            ChoiceEvent::PromptLogprobs { .. } => Vec::new(),
             ChoiceEvent::Token {
                 index,
                 text,
@@ -382,6 +462,55 @@ impl ChunkFormatter for CompletionFormatter {
                 ))]
             }
         }
+    }
+
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<UsageInfo>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+impl ChunkFormatter for CompletionFormatter {
+    fn start(&mut self) -> Vec<Event> {
+        Vec::new()
+    }
+
+    fn event(&mut self, event: ChoiceEvent) -> Vec<Event> {
+        let mut events = Vec::new();
+        let index = match &event {
+            ChoiceEvent::PromptLogprobs { index, .. }
+            | ChoiceEvent::Token { index, .. }
+            | ChoiceEvent::Done { index, .. } => *index,
+        };
+        if let Some(echo) = self.take_echo(index) {
+            let logprobs = match &event {
+                ChoiceEvent::PromptLogprobs { logprobs, .. } if self.logprobs => {
+                    Some(echo.logprobs(logprobs))
+                }
+                _ => None,
+            };
+            if let Some(o) = self.char_offsets.get_mut(index) {
+                *o = echo.text.chars().count();
+            }
+            events.push(sse::data(&self.chunk(
+                vec![CompletionChoice {
+                    index,
+                    text: echo.text,
+                    logprobs,
+                    finish_reason: None,
+                }],
+                None,
+            )));
+        }
+        events.extend(self.choice_event(event));
+        events
     }
 
     fn finish(&mut self) -> Vec<Event> {

@@ -132,6 +132,38 @@ async fn echo_with_logprobs_scores_the_prompt_like_lm_eval_expects() {
         .collect();
     assert_eq!(streamed, text);
 
+    // `max_tokens: 0` only scores the prompt: the same scores, no token.
+    for n in [1, 2] {
+        let scored = server
+            .post_json(
+                "/v1/completions",
+                &json!({"model": "tiny-llama", "prompt": ids, "max_tokens": 0, "logprobs": 5,
+                        "echo": true, "n": n}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(scored.status, 200, "{}", scored.text);
+        assert_eq!(scored.body["usage"]["completion_tokens"], 0);
+        for c in scored.body["choices"].as_array().unwrap() {
+            assert_eq!(c["finish_reason"], "length");
+            assert_eq!(c["text"], case["prompt"]);
+            assert_eq!(
+                c["logprobs"]["token_logprobs"],
+                json!(lp["token_logprobs"].as_array().unwrap()[..ids.len()])
+            );
+        }
+    }
+    // Without echo there is nothing to return: still refused.
+    let refused = server
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "tiny-llama", "prompt": "Hi", "max_tokens": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    assert_eq!(refused.body["error"]["param"], "max_tokens");
+
     // Echo without logprobs, for text prompts and two choices: the prompt as
     // sent, then each answer.
     let reply = server
@@ -154,5 +186,7 @@ async fn echo_with_logprobs_scores_the_prompt_like_lm_eval_expects() {
         );
         assert!(c["logprobs"].is_null());
     }
+    let idle = server.wait_idle(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(idle["running"], 0, "{idle}");
     server.terminate(Duration::from_secs(30)).await.unwrap();
 }

@@ -516,6 +516,10 @@ impl Engine {
             if !self.seqs.contains_key(&chunk.seq) {
                 continue;
             }
+            if self.ends_at_prompt(chunk.seq) {
+                self.finish_at_prompt(chunk.seq);
+                continue;
+            }
             let mut targets = vec![chunk.seq];
             targets.extend(self.fork_choices(chunk.seq));
             for seq in targets {
@@ -596,6 +600,40 @@ impl Engine {
                 logprobs: scores.clone(),
             }));
         }
+    }
+
+    /// A request with `max_tokens` 0: only its prompt was to run.
+    fn ends_at_prompt(&self, seq_id: SeqId) -> bool {
+        self.seqs
+            .get(&seq_id)
+            .and_then(|st| self.requests.get(&st.request))
+            .is_some_and(|r| r.request.stop.max_tokens == 0)
+    }
+
+    /// Ends every choice of `seq_id`'s request without a token.
+    fn finish_at_prompt(&mut self, seq_id: SeqId) {
+        let Some(st) = self.seqs.get(&seq_id) else {
+            return;
+        };
+        let request_id = st.request;
+        let Some(r) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        // The other choices would fork from this prompt: they never start.
+        r.pending_forks = 0;
+        let usage = Usage {
+            prompt_tokens: st.prompt_len,
+            completion_tokens: 0,
+            queue_time: r.queue_time,
+        };
+        for index in 0..r.request.n.max(1) {
+            let _ = r.events.send(Ok(StreamEvent::Done {
+                index,
+                finish_reason: FinishReason::Length,
+                usage,
+            }));
+        }
+        self.finish_seq(seq_id);
     }
 
     /// On the parent's first sampled step, creates the other n-1 choices sharing its prompt KV.

@@ -255,9 +255,6 @@ fn validate(request: &GenerateRequest, limits: &Limits) -> Result<(), SubmitErro
             )));
         }
     }
-    if request.stop.max_tokens == 0 {
-        return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
-    }
     let requested = request.prompt.len().saturating_add(request.stop.max_tokens);
     if requested > limits.max_context {
         return Err(SubmitError::ContextLength {

@@ -50,7 +50,8 @@ impl SamplingParams {
 /// When a choice ends.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StopConditions {
-    /// Maximum completion tokens of each choice.
+    /// Maximum completion tokens of each choice. 0 runs the prompt only
+    /// (to score it) and ends every choice with `Length` and no token.
     pub max_tokens: usize,
     /// Stop strings, matched on the detokenized text; never part of the output.
     pub stop_strings: Vec<String>,

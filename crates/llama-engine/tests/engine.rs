@@ -180,6 +180,18 @@ fn prompt_logprobs_match_the_reference_at_every_position() {
         checked += 1;
     }
     assert_eq!(checked, 5);
+
+    // max_tokens 0: the prompt is scored, no choice gets a token, and the
+    // choices that would have forked from it free everything too.
+    let mut request = GenerateRequest::new(vec![1, 15043, 29892, 3186], 0);
+    request.prompt_logprobs = Some(2);
+    request.n = 3;
+    for choice in collect(chunked.submit(request).unwrap(), 3) {
+        assert!(choice.ids.is_empty());
+        assert_eq!(choice.finish, Some(FinishReason::Length));
+        assert_eq!(choice.completion_tokens, 0);
+        assert_eq!(choice.prompt_logprobs.map(|s| s.len()), Some(4));
+    }
     wait_idle(&whole);
     wait_idle(&chunked);
 }

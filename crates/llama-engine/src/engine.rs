@@ -869,7 +869,6 @@ impl Engine {
     }
 }
 
-/// Runs a runner call, turning a panic into the step's error.
 /// A token's logprob and its top alternatives, with their texts.
 fn token_logprobs(
     tokenizer: &Tokenizer,
@@ -889,6 +888,7 @@ fn token_logprobs(
     }
 }
 
+/// Runs a runner call, turning a panic into the step's error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| Err(panic_message(panic)))
 }

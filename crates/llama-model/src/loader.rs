@@ -104,6 +104,22 @@ pub fn discover_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
+/// Candle's unpickler indexes into what the file says without checking it
+/// first, so a malformed checkpoint can panic inside it: that is an error
+/// naming the file, not a crash.
+fn without_panics<T>(read: impl FnOnce() -> candle_core::Result<T>) -> candle_core::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("malformed pickle");
+        Err(candle_core::Error::Msg(format!(
+            "malformed pickle ({message})"
+        )))
+    })
+}
+
 fn is_safetensors(path: &Path) -> bool {
     path.extension().is_some_and(|x| x == "safetensors")
 }
@@ -134,7 +150,7 @@ impl CheckpointWeights {
                 }
                 WeightFile::Safetensors(mmap)
             } else {
-                let pth = PthTensors::new(path, None)
+                let pth = without_panics(|| PthTensors::new(path, None))
                     .map_err(|e| unreadable(format!("not a PyTorch checkpoint: {e}")))?;
                 if pth.tensor_infos().is_empty() {
                     return Err(unreadable("no tensors in this PyTorch checkpoint".into()));
@@ -210,12 +226,12 @@ impl CheckpointWeights {
                 check_shape(info.layout.dims())?;
                 // Read into host memory, then converted before it is moved,
                 // so a GPU never holds the file's dtype and ours at once.
-                let host = pth.get(name).map_err(unreadable)?.ok_or_else(|| {
-                    ModelError::MissingTensor {
+                let host = without_panics(|| pth.get(name))
+                    .map_err(unreadable)?
+                    .ok_or_else(|| ModelError::MissingTensor {
                         name: name.to_string(),
                         files: self.files_list(),
-                    }
-                })?;
+                    })?;
                 host.to_dtype(dtype)?.to_device(device)?
             }
         };

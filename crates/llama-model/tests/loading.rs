@@ -209,6 +209,19 @@ fn pytorch_checkpoint_errors_name_file_and_tensor() {
         err.contains("pytorch_model.bin") && err.contains("not a PyTorch checkpoint"),
         "{err}"
     );
+
+    // A pickle whose tensor is rebuilt from too few arguments: Candle's
+    // unpickler panics on it; loading fails with an error instead.
+    let mut pickle = vec![0x80, 2, b'}', b'(', b'X', 1, 0, 0, 0, b'w'];
+    pickle.extend_from_slice(
+        b"ctorch._utils\n_rebuild_tensor_v2\n(J\x00\x00\x00\x00J\x01\x00\x00\x00tRu.",
+    );
+    torch_save::write_archive(&pickle, &[], &dir.path().join("pytorch_model.bin"));
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("pytorch_model.bin") && err.contains("malformed pickle"),
+        "{err}"
+    );
 }
 
 #[test]

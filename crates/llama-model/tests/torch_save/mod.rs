@@ -138,7 +138,11 @@ pub fn save(entries: &[Entry], path: &Path) {
     }
     pickle.op(b'u');
     pickle.op(b'.');
+    write_archive(&pickle.0, &storages, path);
+}
 
+/// The zip around a pickle and its storages, as `torch.save` lays it out.
+pub fn write_archive(pickle: &[u8], storages: &[Vec<u8>], path: &Path) {
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
     // torch.save stores its entries uncompressed, 64-byte aligned.
@@ -146,7 +150,7 @@ pub fn save(entries: &[Entry], path: &Path) {
         .compression_method(zip::CompressionMethod::Stored)
         .with_alignment(64);
     zip.start_file("archive/data.pkl", options).unwrap();
-    zip.write_all(&pickle.0).unwrap();
+    zip.write_all(pickle).unwrap();
     zip.start_file("archive/byteorder", options).unwrap();
     zip.write_all(b"little").unwrap();
     for (key, bytes) in storages.iter().enumerate() {

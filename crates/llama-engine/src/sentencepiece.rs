@@ -418,6 +418,39 @@ mod tests {
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// A damaged or hostile `tokenizer.model` is an error (or, if it
+        /// still parses, a conversion), never a panic: truncated, with bytes
+        /// overwritten, or random bytes altogether.
+        #[test]
+        fn damaged_models_never_panic(
+            cut in 0usize..499_723,
+            flips in proptest::collection::vec((0usize..499_723, proptest::prelude::any::<u8>()), 0..8),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let real = std::fs::read(fixture_dir().join("llama2-tokenizer.model")).unwrap();
+            let mut damaged = real.clone();
+            for (at, byte) in flips {
+                damaged[at % real.len()] = byte;
+            }
+            let _ = tokenizer_json(&damaged, SpecialTokenUse::default());
+            let _ = tokenizer_json(&real[..cut.min(real.len())], SpecialTokenUse::default());
+            let _ = tokenizer_json(&noise, SpecialTokenUse::default());
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        let err = tokenizer_json(b"not a model", SpecialTokenUse::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("not a SentencePiece model"),
+            "{err}"
+        );
+        assert!(tokenizer_json(&[], SpecialTokenUse::default()).is_err());
+    }
+
     #[test]
     fn llama2_model_converts_to_the_published_tokenizer_json() {
         let (ours, theirs) = (converted(), published());

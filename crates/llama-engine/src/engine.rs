@@ -406,6 +406,8 @@ impl Engine {
                 request,
             },
         );
+        // A one-token prompt has nothing to score: its scores are complete.
+        self.send_prompt_scores(seq_id);
     }
 
     fn new_seq_state(&self, request_id: u64, choice: usize, request: &GenerateRequest) -> SeqState {
@@ -501,8 +503,8 @@ impl Engine {
             self.scheduler.mark_computed(chunk.seq, chunk.tokens.len());
             if let Some((_, rows)) = all_logits.next_if(|(c, _)| *c == i) {
                 self.score_prompt(chunk, rows, output.vocab);
+                self.send_prompt_scores(chunk.seq);
             }
-            self.send_prompt_scores(chunk.seq);
             if !chunk.sample {
                 continue;
             }

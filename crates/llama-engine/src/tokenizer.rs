@@ -125,14 +125,15 @@ impl Tokenizer {
         }
         let json_path = dir.join("tokenizer.json");
         let model_path = dir.join("tokenizer.model");
-        if json_path.exists() || !model_path.is_file() {
+        if !model_path.is_file() || json_path.exists() {
+            // Neither file: say so, unless the directory itself is missing
+            // (then the read below names the path).
             if dir.is_dir() && !json_path.exists() {
                 return Err(TokenizerError::Missing {
                     dir: dir.to_path_buf(),
                 });
             }
-            let json = read_json(&json_path)?;
-            return Self::build(&json_path, json, config);
+            return Self::build(&json_path, read_json(&json_path)?, config);
         }
         let bytes = std::fs::read(&model_path).map_err(|source| TokenizerError::Io {
             path: model_path.clone(),

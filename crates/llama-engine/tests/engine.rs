@@ -192,6 +192,12 @@ fn prompt_logprobs_match_the_reference_at_every_position() {
         assert_eq!(choice.completion_tokens, 0);
         assert_eq!(choice.prompt_logprobs.map(|s| s.len()), Some(4));
     }
+    // A one-token prompt has nothing to score, but still gets its one entry.
+    let mut request = greedy(vec![1], 1);
+    request.prompt_logprobs = Some(1);
+    let choice = collect(whole.submit(request).unwrap(), 1).remove(0);
+    assert_eq!(choice.prompt_logprobs, Some(vec![None]));
+    assert_eq!(choice.ids.len(), 1);
     wait_idle(&whole);
     wait_idle(&chunked);
 }

@@ -215,11 +215,11 @@ impl CheckpointWeights {
                 })
             }
         };
-        let tensor = match &self.opened[index] {
+        match &self.opened[index] {
             WeightFile::Safetensors(mmap) => {
                 let view = mmap.get(name).map_err(unreadable)?;
                 check_shape(view.shape())?;
-                view.load(device).map_err(unreadable)?
+                Ok(view.load(device).map_err(unreadable)?.to_dtype(dtype)?)
             }
             WeightFile::Pytorch(pth) => {
                 let info = &pth.tensor_infos()[name];
@@ -232,9 +232,8 @@ impl CheckpointWeights {
                         name: name.to_string(),
                         files: self.files_list(),
                     })?;
-                host.to_dtype(dtype)?.to_device(device)?
+                Ok(host.to_dtype(dtype)?.to_device(device)?)
             }
-        };
-        Ok(tensor.to_dtype(dtype)?)
+        }
     }
 }

@@ -15,8 +15,23 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
 }
 
-/// A copy of the fixture directory whose weights are `tensors`, split into `shards` files.
-fn model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::TempDir {
+/// How a test checkpoint's weights are written.
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Safetensors,
+    /// As `torch.save` does. Every third tensor is stored as f32 and every
+    /// fifth as a view into a larger storage, as real checkpoints mix them.
+    Pytorch,
+}
+
+/// A copy of the fixture directory whose weights are `tensors`, split into
+/// `shards` files (with an index when more than one), named as Hugging Face
+/// names them.
+fn checkpoint_with(
+    tensors: &HashMap<String, Tensor>,
+    shards: usize,
+    format: Format,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for f in [
         "config.json",
@@ -26,80 +41,70 @@ fn model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::Tem
     ] {
         std::fs::copy(fixture().join(f), dir.path().join(f)).unwrap();
     }
-    if shards == 1 {
-        candle_core::safetensors::save(tensors, dir.path().join("model.safetensors")).unwrap();
-        return dir;
-    }
+    let (single, stem, extension) = match format {
+        Format::Safetensors => ("model.safetensors", "model", "safetensors"),
+        Format::Pytorch => ("pytorch_model.bin", "pytorch_model", "bin"),
+    };
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut weight_map = serde_json::Map::new();
-    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
-        let part: HashMap<String, Tensor> = chunk
-            .iter()
-            .map(|n| ((*n).clone(), tensors[*n].clone()))
-            .collect();
-        candle_core::safetensors::save(&part, dir.path().join(&file)).unwrap();
+    for (i, chunk) in names
+        .chunks(names.len().div_ceil(shards).max(1))
+        .enumerate()
+    {
+        let file = if shards == 1 {
+            single.to_string()
+        } else {
+            format!("{stem}-{:05}-of-{shards:05}.{extension}", i + 1)
+        };
+        let path = dir.path().join(&file);
+        match format {
+            Format::Safetensors => {
+                let part: HashMap<String, Tensor> = chunk
+                    .iter()
+                    .map(|n| ((*n).clone(), tensors[*n].clone()))
+                    .collect();
+                candle_core::safetensors::save(&part, path).unwrap();
+            }
+            Format::Pytorch => {
+                let seen = weight_map.len();
+                let entries: Vec<torch_save::Entry> = (seen + 1..)
+                    .zip(chunk)
+                    .map(|(nth, name)| torch_save::Entry {
+                        name,
+                        tensor: &tensors[*name],
+                        dtype: if nth % 3 == 0 {
+                            candle_core::DType::F32
+                        } else {
+                            candle_core::DType::F16
+                        },
+                        offset: if nth % 5 == 0 { 7 } else { 0 },
+                    })
+                    .collect();
+                torch_save::save(&entries, &path);
+            }
+        }
         for n in chunk {
             weight_map.insert((*n).clone(), file.clone().into());
-        }
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
-    dir
-}
-
-/// A copy of the fixture directory whose weights are `tensors` saved as
-/// `torch.save` does, in `shards` files (with `pytorch_model.bin.index.json`
-/// when more than one). Every third tensor is stored as f32 and every fifth
-/// as a view into a larger storage, as real checkpoints mix them.
-fn pytorch_model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::TempDir {
-    let dir = model_with(&HashMap::new(), 1);
-    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut weight_map = serde_json::Map::new();
-    let mut seen = 0;
-    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
-        let file = if shards == 1 {
-            "pytorch_model.bin".to_string()
-        } else {
-            format!("pytorch_model-{:05}-of-{:05}.bin", i + 1, shards)
-        };
-        let entries: Vec<torch_save::Entry> = chunk
-            .iter()
-            .map(|name| {
-                seen += 1;
-                torch_save::Entry {
-                    name,
-                    tensor: &tensors[*name],
-                    dtype: if seen % 3 == 0 {
-                        candle_core::DType::F32
-                    } else {
-                        candle_core::DType::F16
-                    },
-                    offset: if seen % 5 == 0 { 7 } else { 0 },
-                }
-            })
-            .collect();
-        torch_save::save(&entries, &dir.path().join(&file));
-        for name in chunk {
-            weight_map.insert((*name).clone(), file.clone().into());
         }
     }
     if shards > 1 {
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
         std::fs::write(
-            dir.path().join("pytorch_model.bin.index.json"),
+            dir.path().join(format!("{single}.index.json")),
             index.to_string(),
         )
         .unwrap();
     }
     dir
+}
+
+fn model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::TempDir {
+    checkpoint_with(tensors, shards, Format::Safetensors)
+}
+
+fn pytorch_model_with(tensors: &HashMap<String, Tensor>, shards: usize) -> tempfile::TempDir {
+    checkpoint_with(tensors, shards, Format::Pytorch)
 }
 
 fn fixture_tensors() -> HashMap<String, Tensor> {

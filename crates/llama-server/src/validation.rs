@@ -39,6 +39,8 @@ pub struct SamplingFields<'a> {
     pub n: Option<i64>,
     /// The value and the name the client used (`max_tokens` or `max_completion_tokens`).
     pub max_tokens: Option<(i64, &'static str)>,
+    /// 0 is allowed: the prompt alone is run, to be scored (completions' `echo`).
+    pub max_tokens_may_be_zero: bool,
     pub stop: Option<&'a Value>,
     pub seed: Option<i64>,
     pub presence_penalty: Option<f64>,
@@ -160,10 +162,11 @@ pub fn validate_sampling(
     };
     let max_tokens = match fields.max_tokens {
         None => None,
-        Some((m, param)) if m < 1 => {
+        Some((m, param)) if m < i64::from(!fields.max_tokens_may_be_zero) => {
+            let least = i64::from(!fields.max_tokens_may_be_zero);
             return Err(ApiError::param(
                 param,
-                format!("`{param}` must be at least 1, got {m}"),
+                format!("`{param}` must be at least {least}, got {m}"),
             ));
         }
         Some((m, _)) => Some(usize::try_from(m).unwrap_or(usize::MAX)),

@@ -58,6 +58,7 @@ pub async fn chat_completions(
         top_p: req.top_p,
         n: req.n,
         max_tokens,
+        max_tokens_may_be_zero: false,
         stop: req.stop.as_ref(),
         seed: req.seed,
         presence_penalty: req.presence_penalty,

@@ -66,12 +66,9 @@ pub async fn completions(
         temperature: req.temperature,
         top_p: req.top_p,
         n: req.n,
-        // `max_tokens: 0` with `echo` only scores the prompt (OpenAI's legacy
-        // API and vLLM allow it); the common checks want at least 1.
-        max_tokens: req
-            .max_tokens
-            .filter(|&m| !(echo && m == 0))
-            .map(|m| (m, "max_tokens")),
+        max_tokens: req.max_tokens.map(|m| (m, "max_tokens")),
+        // The prompt alone, scored (OpenAI's legacy API and vLLM allow it).
+        max_tokens_may_be_zero: echo,
         stop: req.stop.as_ref(),
         seed: req.seed,
         presence_penalty: req.presence_penalty,
@@ -107,9 +104,6 @@ pub async fn completions(
     // Echo with logprobs scores the prompt too, as OpenAI's legacy API did
     // (what lm-evaluation-harness uses to compute log-likelihoods).
     params.prompt_logprobs = logprobs.filter(|_| echo);
-    if echo && req.max_tokens == Some(0) {
-        params.max_tokens = Some(0);
-    }
     let (prompts, infill_end, echoes) = state
         .blocking(move |codec| {
             // The prompt as sent; token-id prompts are echoed decoded.

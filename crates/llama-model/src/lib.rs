@@ -33,6 +33,6 @@ pub use config::LlamaConfig;
 pub use decode_graphs::{graph_batch, DecodeGraphs, GraphStats};
 pub use device::{DTypeSpec, DeviceSpec};
 pub use error::{ModelError, Result};
-pub use kv::{BlockAllocator, BlockTable, KvBudget, KvCache, KvCacheSpec, KvError};
+pub use kv::{BlockAllocator, BlockHash, BlockTable, KvBudget, KvCache, KvCacheSpec, KvError};
 pub use model::{BatchInput, LlamaModel, Logits, ModelOptions, SeqChunk};
 pub use shapes::{resolve_shape, ModelShape};

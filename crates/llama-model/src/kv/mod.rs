@@ -3,7 +3,7 @@
 mod blocks;
 mod cache;
 
-pub use blocks::{BlockAllocator, BlockTable};
+pub use blocks::{BlockAllocator, BlockHash, BlockTable};
 pub use cache::{parse_byte_size, KvBudget, KvCache, KvCacheSpec};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -45,6 +45,9 @@ pub struct EngineConfig {
     /// next step runs on the device. `None`: where the runner's steps run
     /// asynchronously (a GPU); on the CPU a token would wait a step longer.
     pub overlap: Option<bool>,
+    /// Automatic prefix caching: prompts start from the cached KV blocks of
+    /// the longest prefix already computed (see [`crate::scheduler`]).
+    pub prefix_caching: bool,
 }
 
 /// `draws_on_device` from its user-facing name: `auto` (`None`), `device` or
@@ -81,6 +84,7 @@ impl Default for EngineConfig {
             draws_on_device: None,
             cuda_graphs: false,
             overlap: None,
+            prefix_caching: true,
         }
     }
 }
@@ -167,6 +171,7 @@ pub fn start_with_runner(
         SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
+            prefix_caching: config.prefix_caching,
         },
         alloc,
     );
@@ -200,6 +205,8 @@ struct RequestState {
     parent: SeqId,
     admitted: bool,
     queue_time: std::time::Duration,
+    /// Prompt tokens whose KV came from the prefix cache.
+    cached_tokens: usize,
     /// Choices not yet forked from the parent (n > 1).
     pending_forks: usize,
     live_seqs: Vec<SeqId>,
@@ -390,7 +397,10 @@ impl Engine {
         let req_id = self.new_id();
         let seq_id = self.new_id();
         let n = request.n.max(1);
-        self.scheduler.add(seq_id, request.prompt.clone(), n - 1);
+        // A prompt whose every position is scored cannot skip any of them.
+        let reuse_cached = request.prompt_logprobs.is_none();
+        self.scheduler
+            .add(seq_id, request.prompt.clone(), n - 1, reuse_cached);
         self.seqs
             .insert(seq_id, self.new_seq_state(req_id, 0, &request));
         self.requests.insert(
@@ -401,6 +411,7 @@ impl Engine {
                 parent: seq_id,
                 admitted: false,
                 queue_time: std::time::Duration::ZERO,
+                cached_tokens: 0,
                 pending_forks: n - 1,
                 live_seqs: vec![seq_id],
                 request,
@@ -484,6 +495,7 @@ impl Engine {
             if !r.admitted {
                 r.admitted = true;
                 r.queue_time = r.submitted_at.elapsed();
+                r.cached_tokens = self.scheduler.cached_tokens(chunk.seq).unwrap_or(0);
                 self.shared.stats.waiting.fetch_sub(1, Ordering::AcqRel);
                 self.shared
                     .stats
@@ -626,6 +638,7 @@ impl Engine {
         let usage = Usage {
             prompt_tokens: st.prompt_len,
             completion_tokens: 0,
+            cached_tokens: r.cached_tokens,
             queue_time: r.queue_time,
         };
         for index in 0..r.request.n.max(1) {
@@ -775,6 +788,7 @@ impl Engine {
         let usage = Usage {
             prompt_tokens: st.prompt_len,
             completion_tokens: st.generated,
+            cached_tokens: r.cached_tokens,
             queue_time: r.queue_time,
         };
         let logprobs = want_logprobs.then(|| self.logprobs(&p.sampled));
@@ -868,6 +882,10 @@ impl Engine {
             self.scheduler.num_blocks() - self.scheduler.num_free_blocks(),
             Ordering::Relaxed,
         );
+        let (queries, hits) = self.scheduler.prefix_cache_counts();
+        s.prefix_cache_queries_total
+            .store(queries, Ordering::Relaxed);
+        s.prefix_cache_hits_total.store(hits, Ordering::Relaxed);
     }
 }
 

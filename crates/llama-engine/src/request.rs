@@ -121,6 +121,9 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache
+    /// (OpenAI's `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     /// From submission until the request's first step (queueing, for metrics).
     pub queue_time: std::time::Duration,
 }

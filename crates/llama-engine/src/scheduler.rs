@@ -10,11 +10,22 @@
 //! - a sequence that cannot get the block it needs preempts the youngest
 //!   running sequence, which loses its KV and is recomputed later (never an
 //!   out-of-memory error, never a dropped request).
+//!
+//! Automatic prefix caching (as vLLM's): every full block a sequence computes
+//! is indexed by the hash of its prefix ([`block_hash`]); a sequence admitted
+//! from scratch (new, or recomputed after preemption) first takes, shared and
+//! read-only, the cached blocks of its longest known prefix, and computes
+//! only the rest. Blocks stay cached once free until the pool needs them. The
+//! choices of an n > 1 request share their prompt's full blocks the same way.
 
 use std::collections::{HashMap, VecDeque};
 
 use llama_model::sampling::RowPick;
-use llama_model::{BlockAllocator, BlockTable};
+use llama_model::{BlockAllocator, BlockHash, BlockTable};
+
+use block_hash::BlockHasher;
+
+mod block_hash;
 
 pub type SeqId = u64;
 
@@ -24,6 +35,8 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens (prompt chunks + decodes) in one step.
     pub max_num_batched_tokens: usize,
+    /// Reuse the cached blocks of earlier sequences' identical prefixes.
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -31,6 +44,7 @@ impl Default for SchedulerConfig {
         Self {
             max_num_seqs: 256,
             max_num_batched_tokens: 512,
+            prefix_caching: true,
         }
     }
 }
@@ -46,6 +60,27 @@ struct Sequence {
     arrival: u64,
     /// Blocks to keep free for sequences this one will fork into (n > 1).
     reserve_forks: usize,
+    /// The prefix hashes of the first full blocks of `tokens`, as far as needed so far.
+    hashes: Vec<BlockHash>,
+    /// Leading blocks of `table` that the cache knows (found there or registered).
+    registered: usize,
+    /// May start from cached blocks: false when every prompt position must
+    /// be computed (its logprobs are wanted).
+    reuse_cached: bool,
+    /// Prompt tokens found in the cache at the first admission.
+    cached_tokens: usize,
+}
+
+impl Sequence {
+    /// Gives up the sequence's KV (preemption): it is recomputed later, from
+    /// whatever the cache still holds.
+    fn drop_kv(&mut self, alloc: &mut BlockAllocator) {
+        alloc
+            .release(&mut self.table)
+            .expect("a sequence's blocks are its own");
+        self.computed = 0;
+        self.registered = 0;
+    }
 }
 
 /// One sequence's part of a step.
@@ -97,6 +132,10 @@ pub struct Scheduler {
     next_arrival: u64,
     pending_copies: Vec<(u32, u32)>,
     preemptions: u64,
+    hasher: BlockHasher,
+    /// Prompt tokens looked up in the prefix cache at admission, and found.
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 impl Scheduler {
@@ -110,12 +149,17 @@ impl Scheduler {
             next_arrival: 0,
             pending_copies: Vec::new(),
             preemptions: 0,
+            hasher: BlockHasher::new(),
+            prefix_queries: 0,
+            prefix_hits: 0,
         }
     }
 
     /// Queues a new sequence. `forks` more sequences will be forked from it
     /// when its prompt is computed (the other choices of an n > 1 request).
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, forks: usize) {
+    /// `reuse_cached`: it may skip the prompt blocks the cache holds (false
+    /// when the logits of every prompt position are wanted).
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, forks: usize, reuse_cached: bool) {
         debug_assert!(!prompt.is_empty());
         self.seqs.insert(
             id,
@@ -125,27 +169,47 @@ impl Scheduler {
                 table: BlockTable::new(),
                 arrival: u64::MAX,
                 reserve_forks: forks,
+                hashes: Vec::new(),
+                registered: 0,
+                reuse_cached,
+                cached_tokens: 0,
             },
         );
         self.waiting.push_back(id);
     }
 
-    /// Creates `child` as a copy of `parent` (same tokens, same KV). When
-    /// blocks are short the child recomputes its KV instead: never an error.
+    /// Creates `child` as a copy of `parent` (same tokens, same KV): it
+    /// shares the parent's full blocks, which neither writes again, and gets
+    /// a copy of the partly filled last one. When blocks are short the child
+    /// recomputes its KV instead: never an error.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
         let Some(p) = self.seqs.get_mut(&parent) else {
             return;
         };
         p.reserve_forks = p.reserve_forks.saturating_sub(1);
         let tokens = p.tokens.clone();
+        let hashes = p.hashes.clone();
         let computed = p.computed;
         let src_blocks = p.table.blocks().to_vec();
         let arrival = p.arrival;
+        let reuse_cached = p.reuse_cached;
+        let cached_tokens = p.cached_tokens;
+        let full = computed / self.alloc.block_size();
         let mut table = BlockTable::new();
-        let copied = computed > 0 && self.alloc.ensure_capacity(&mut table, computed).is_ok();
-        if copied {
-            self.pending_copies
-                .extend(src_blocks.iter().zip(table.blocks()).map(|(&s, &d)| (s, d)));
+        let mut copied = false;
+        if computed > 0 {
+            self.alloc.share(&mut table, &src_blocks[..full]);
+            copied = self.alloc.ensure_capacity(&mut table, computed).is_ok();
+            if copied {
+                self.pending_copies.extend(
+                    src_blocks[full..]
+                        .iter()
+                        .zip(&table.blocks()[full..])
+                        .map(|(&s, &d)| (s, d)),
+                );
+            } else {
+                self.alloc.release(&mut table).expect("just shared");
+            }
         }
         self.seqs.insert(
             child,
@@ -155,6 +219,15 @@ impl Scheduler {
                 table,
                 arrival,
                 reserve_forks: 0,
+                hashes,
+                // The shared blocks are the parent's, registered by it.
+                registered: if copied {
+                    full.min(self.seqs[&parent].registered)
+                } else {
+                    0
+                },
+                reuse_cached,
+                cached_tokens,
             },
         );
         if copied {
@@ -177,10 +250,21 @@ impl Scheduler {
         }
     }
 
-    /// Marks `len` tokens of the chunk just run as computed.
+    /// Marks `len` tokens of the chunk just run as computed, and offers the
+    /// blocks this fills to the prefix cache.
     pub fn mark_computed(&mut self, id: SeqId, len: usize) {
-        if let Some(s) = self.seqs.get_mut(&id) {
-            s.computed = (s.computed + len).min(s.tokens.len());
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        s.computed = (s.computed + len).min(s.tokens.len());
+        let full = s.computed / self.alloc.block_size();
+        if self.config.prefix_caching && full > s.registered {
+            self.hasher
+                .extend(&mut s.hashes, &s.tokens, self.alloc.block_size(), full);
+            for i in s.registered..full {
+                self.alloc.register(s.table.blocks()[i], s.hashes[i]);
+            }
+            s.registered = full;
         }
     }
 
@@ -231,6 +315,31 @@ impl Scheduler {
         self.preemptions
     }
 
+    /// Prompt tokens of `id` found in the prefix cache when it was first admitted.
+    pub fn cached_tokens(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.cached_tokens)
+    }
+
+    /// Tokens looked up in the prefix cache at admissions, and those found
+    /// (vLLM's `prefix_cache_queries` and `prefix_cache_hits`).
+    pub fn prefix_cache_counts(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
+    }
+
+    /// The cached blocks a sequence admitted from scratch can start from.
+    fn cached_prefix(&mut self, id: SeqId) -> Vec<u32> {
+        let bs = self.alloc.block_size();
+        let s = self.seqs.get_mut(&id).expect("queued");
+        if !self.config.prefix_caching || !s.reuse_cached || !s.table.is_empty() {
+            return Vec::new();
+        }
+        // The last token is always computed: its logits pick the next one.
+        // (So no cached block is ever written, not even its last slot.)
+        let blocks = (s.tokens.len() - 1) / bs;
+        self.hasher.extend(&mut s.hashes, &s.tokens, bs, blocks);
+        self.alloc.cached_prefix(&s.hashes[..blocks])
+    }
+
     /// Frees the youngest running sequence other than `keep`; false if there is none.
     fn preempt_youngest(&mut self, keep: SeqId, plan: &mut StepPlan) -> bool {
         let victim = self
@@ -240,11 +349,10 @@ impl Scheduler {
             .filter(|&id| id != keep && !plan.chunks.iter().any(|c| c.seq == id))
             .max_by_key(|id| self.seqs[id].arrival);
         let Some(victim) = victim else { return false };
-        let s = self.seqs.get_mut(&victim).expect("running sequences exist");
-        self.alloc
-            .release(&mut s.table)
-            .expect("a sequence's blocks are its own");
-        s.computed = 0;
+        self.seqs
+            .get_mut(&victim)
+            .expect("running sequences exist")
+            .drop_kv(&mut self.alloc);
         self.running.retain(|&r| r != victim);
         self.waiting.push_front(victim);
         plan.preempted.push(victim);
@@ -265,6 +373,8 @@ impl Scheduler {
 
     fn chunk(&self, id: SeqId, len: usize) -> ScheduledChunk {
         let s = &self.seqs[&id];
+        // Shared blocks are read-only: every write lands past them.
+        debug_assert!(s.registered * self.alloc.block_size() <= s.computed);
         ScheduledChunk {
             seq: id,
             tokens: s.tokens[s.computed..s.computed + len].to_vec(),
@@ -307,9 +417,10 @@ impl Scheduler {
             if self.seqs[&id].table.capacity(self.alloc.block_size()) < need {
                 // Even alone it cannot grow: preempt itself so others can run.
                 if let Some(pos) = self.running.iter().position(|&r| r == id) {
-                    let s = self.seqs.get_mut(&id).expect("running");
-                    self.alloc.release(&mut s.table).expect("own blocks");
-                    s.computed = 0;
+                    self.seqs
+                        .get_mut(&id)
+                        .expect("running")
+                        .drop_kv(&mut self.alloc);
                     self.running.remove(pos);
                     self.waiting.push_front(id);
                     plan.preempted.push(id);
@@ -335,6 +446,7 @@ impl Scheduler {
             if plan.preempted.contains(&id) {
                 break; // preempted this very step: give memory a step to free up
             }
+            let hits = self.cached_prefix(id);
             let s = &self.seqs[&id];
             // Admit only when the whole prompt (and promised forks) fits now, so
             // an admitted prompt is not preempted halfway through its prefill.
@@ -344,19 +456,34 @@ impl Scheduler {
             } else {
                 s.reserve_forks
             };
-            let need_blocks = self.alloc.blocks_for(s.tokens.len()) * (1 + forks);
+            let whole = self.alloc.blocks_for(s.tokens.len());
+            // Cached blocks nobody holds leave the free list when shared.
+            let need_blocks =
+                whole - hits.len() + self.alloc.num_unreferenced(&hits) + whole * forks;
             if need_blocks + self.reserved_for_forks() > self.alloc.num_free() {
                 break;
             }
+            let bs = self.alloc.block_size();
+            let s = self.seqs.get_mut(&id).expect("waiting");
+            if !hits.is_empty() {
+                self.alloc.share(&mut s.table, &hits);
+                s.computed = hits.len() * bs;
+                s.registered = hits.len();
+            }
             let len = (s.tokens.len() - s.computed).min(budget);
             let need = s.computed + len;
-            let s = self.seqs.get_mut(&id).expect("waiting");
             if self.alloc.ensure_capacity(&mut s.table, need).is_err() {
+                s.drop_kv(&mut self.alloc);
                 break;
+            }
+            if self.config.prefix_caching && s.reuse_cached {
+                self.prefix_queries += s.tokens.len() as u64;
+                self.prefix_hits += s.computed as u64;
             }
             if s.arrival == u64::MAX {
                 s.arrival = self.next_arrival;
                 self.next_arrival += 1;
+                s.cached_tokens = s.computed;
             }
             self.waiting.pop_front();
             self.running.push(id);

@@ -63,6 +63,7 @@ struct Choice {
     text: String,
     finish: Option<FinishReason>,
     completion_tokens: usize,
+    cached_tokens: usize,
     prompt_logprobs: Option<Vec<Option<SampledLogprobs>>>,
 }
 
@@ -89,6 +90,7 @@ fn collect(mut g: llama_engine::Generation, n: usize) -> Vec<Choice> {
             } => {
                 choices[index].finish = Some(finish_reason);
                 choices[index].completion_tokens = usage.completion_tokens;
+                choices[index].cached_tokens = usage.cached_tokens;
             }
         }
     }
@@ -225,6 +227,96 @@ fn greedy_requests_match_the_reference_text() {
         assert_eq!(c.ids, ids(&p["greedy_ids"]), "{} with logprobs", p["name"]);
     }
     wait_idle(&handle);
+}
+
+/// Automatic prefix caching: a prompt whose start was computed before
+/// (the same prompt again, a longer one, a chat's next turn holding the last
+/// answer) starts from the cached blocks and still gives the reference's
+/// greedy ids, with logprobs within 1e-4 of the cold run's.
+#[test]
+fn prefix_cache_hits_give_the_reference_answers() {
+    let (handle, _) = default_engine();
+    // Greedy ids, the cached prompt tokens, and each token's logprob.
+    let run = |handle: &EngineHandle, prompt: &[u32], max_tokens| {
+        let mut request = greedy(prompt.to_vec(), max_tokens);
+        request.logprobs = Some(1);
+        let mut g = handle.submit(request).unwrap();
+        let (mut ids, mut logprobs, mut cached) = (Vec::new(), Vec::new(), None);
+        while let Some(ev) = g.blocking_next() {
+            match ev.expect("no engine error") {
+                StreamEvent::Token {
+                    id, logprobs: l, ..
+                } => {
+                    ids.push(id);
+                    logprobs.push(l.expect("asked for").chosen.logprob);
+                }
+                StreamEvent::Done { usage, .. } => cached = Some(usage.cached_tokens),
+                StreamEvent::PromptLogprobs { .. } => unreachable!("not asked for"),
+            }
+        }
+        (ids, cached.expect("a Done event"), logprobs)
+    };
+    let prompts = reference()["prompts"].as_array().unwrap().clone();
+    let mut hits = 0;
+    for p in &prompts {
+        let prompt = ids(&p["prompt_ids"]);
+        let (cold_ids, cold_cached, cold_logprobs) = run(&handle, &prompt, 48);
+        assert_eq!(cold_cached, 0, "{}", p["name"]);
+        assert_eq!(cold_ids, ids(&p["greedy_ids"]), "{}", p["name"]);
+        let (warm_ids, warm_cached, warm_logprobs) = run(&handle, &prompt, 48);
+        // Whole blocks of 16, always leaving the last prompt token to compute.
+        assert_eq!(warm_cached, (prompt.len() - 1) / 16 * 16, "{}", p["name"]);
+        assert_eq!(warm_ids, cold_ids, "{}", p["name"]);
+        for (w, c) in warm_logprobs.iter().zip(&cold_logprobs) {
+            assert!((w - c).abs() < 1e-4, "{}: {w} vs {c}", p["name"]);
+        }
+        hits += warm_cached;
+    }
+    assert_eq!(hits, 416, "prompts of 34, 35, 23 and 338 tokens hit");
+    let stats = handle.stats();
+    assert_eq!(stats.prefix_cache_hits_total, hits as u64);
+    assert_eq!(stats.prefix_cache_queries_total, 2 * 445);
+
+    // The 338-token prompt, after another that shares its first 200 tokens.
+    let long = prompts
+        .iter()
+        .max_by_key(|p| p["prompt_ids"].as_array().unwrap().len())
+        .unwrap();
+    let prompt = ids(&long["prompt_ids"]);
+    let (handle2, _) = default_engine();
+    let mut other = prompt[..200].to_vec();
+    other.extend([450, 4996, 17354]);
+    assert_eq!(
+        run(&handle2, &other, 4).1,
+        0,
+        "each engine has its own cache"
+    );
+    let (warm_ids, warm_cached, _) = run(&handle2, &prompt, 48);
+    assert_eq!(warm_cached, 192);
+    assert_eq!(warm_ids, ids(&long["greedy_ids"]));
+
+    // A chat's next turn: the prompt, its answer, a new question. All but
+    // the answer's last token (never computed: generation stopped there)
+    // were computed by the first request.
+    let (handle3, _) = default_engine();
+    let (answer, _, _) = run(&handle3, &prompt, 40);
+    let mut turn = prompt.clone();
+    turn.extend(&answer);
+    turn.extend([29871, 13, 3492, 29901]);
+    let (next_ids, next_cached, _) = run(&handle3, &turn, 8);
+    assert_eq!(next_cached, (prompt.len() + 39) / 16 * 16);
+    let (off, _) = engine(EngineConfig {
+        prefix_caching: false,
+        ..Default::default()
+    });
+    let (cold_ids, cold_cached, _) = run(&off, &turn, 8);
+    let (_, again_cached, _) = run(&off, &turn, 8);
+    assert_eq!((cold_cached, again_cached), (0, 0), "caching off");
+    assert_eq!(next_ids, cold_ids);
+    assert_eq!(off.stats().prefix_cache_queries_total, 0);
+    for h in [&handle, &handle2, &handle3, &off] {
+        wait_idle(h);
+    }
 }
 
 #[test]

@@ -85,7 +85,7 @@ impl Driver {
     }
 
     fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_tokens: usize) {
-        self.sched.add(id, prompt, 0);
+        self.sched.add(id, prompt, 0, true);
         self.budget.insert(id, max_tokens);
         self.outputs.insert(id, Vec::new());
     }
@@ -149,6 +149,7 @@ fn chunked_prefill_never_stalls_running_decodes() {
     let config = SchedulerConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 16,
+        ..Default::default()
     };
     let mut d = Driver::new(128, 4, config);
     d.add(1, prompt(1, 5), 40);
@@ -186,6 +187,7 @@ fn preemption_recomputes_and_gives_the_same_output() {
     let config = SchedulerConfig {
         max_num_seqs: 16,
         max_num_batched_tokens: 64,
+        ..Default::default()
     };
     let mut d = Driver::new(20, 4, config);
     let specs: Vec<(SeqId, usize, usize)> = (1..=12)
@@ -214,6 +216,7 @@ fn preempts_the_youngest() {
     let config = SchedulerConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
+        ..Default::default()
     };
     let mut d = Driver::new(4, 4, config);
     d.add(1, prompt(1, 4), 100);
@@ -246,7 +249,7 @@ fn removed_sequence_frees_its_blocks_at_once() {
 #[test]
 fn forked_sequences_share_the_prompt_kv() {
     let mut d = Driver::new(64, 4, SchedulerConfig::default());
-    d.sched.add(1, prompt(9, 10), 2);
+    d.sched.add(1, prompt(9, 10), 2, true);
     d.budget.insert(1, 5);
     d.outputs.insert(1, Vec::new());
     let plan = d.sched.schedule();
@@ -265,12 +268,19 @@ fn forked_sequences_share_the_prompt_kv() {
         *d.budget.get_mut(&seq).unwrap() -= 1;
     }
     let next = d.sched.schedule();
+    // 10 prompt tokens: two full blocks, shared, and a partial one, copied.
     assert_eq!(
         next.copies.len(),
-        6,
-        "three prompt blocks copied per child: {:?}",
+        2,
+        "one copy per child: {:?}",
         next.copies
     );
+    let tables: Vec<&[u32]> = next.chunks.iter().map(|c| c.block_table.blocks()).collect();
+    assert_eq!(tables.len(), 3);
+    for t in &tables[1..] {
+        assert_eq!(t[..2], tables[0][..2], "full blocks are shared");
+        assert_ne!(t[2], tables[0][2], "the partial block is a copy");
+    }
     assert!(
         next.chunks.iter().all(|c| c.tokens.len() == 1),
         "children do not recompute the prompt"
@@ -284,4 +294,154 @@ fn forked_sequences_share_the_prompt_kv() {
         toks.windows(2).all(|w| w[0] == w[1]),
         "same context gives the same next token"
     );
+}
+
+/// `prefix` then `len` tokens of its own.
+fn with_prefix(prefix: &[u32], seed: u32, len: usize) -> Vec<u32> {
+    let mut p = prefix.to_vec();
+    p.extend(prompt(seed, len));
+    p
+}
+
+#[test]
+fn a_repeated_prompt_starts_from_its_cached_blocks() {
+    let mut d = Driver::new(64, 4, SchedulerConfig::default());
+    d.add(1, prompt(1, 10), 3);
+    d.run_to_end();
+    assert_eq!(d.sched.num_free_blocks(), 64);
+    d.add(2, prompt(1, 10), 3);
+    let plan = d.step();
+    // Two full blocks found; the rest, with the token that samples, computed.
+    assert_eq!(plan.chunks[0].start_pos, 8);
+    assert_eq!(plan.chunks[0].tokens, prompt(1, 10)[8..]);
+    assert_eq!(d.sched.cached_tokens(2), Some(8));
+    d.run_to_end();
+    assert_eq!(d.outputs[&2], d.outputs[&1]);
+    assert_eq!(d.sched.prefix_cache_counts(), (20, 8));
+
+    // All full blocks: the last one is computed again, so that its last
+    // token gives the logits (and no cached block is written).
+    d.add(3, prompt(2, 8), 2);
+    d.run_to_end();
+    d.add(4, prompt(2, 8), 2);
+    let plan = d.step();
+    assert_eq!(
+        (plan.chunks[0].start_pos, plan.chunks[0].tokens.len()),
+        (4, 4)
+    );
+    d.run_to_end();
+    assert_eq!(d.outputs[&4], d.outputs[&3]);
+    assert_eq!(d.sched.num_free_blocks(), 64);
+}
+
+#[test]
+fn generated_tokens_are_cached_too() {
+    // A follow-up prompt that repeats an answer (a chat's next turn) finds it.
+    let mut d = Driver::new(64, 4, SchedulerConfig::default());
+    d.add(1, prompt(1, 6), 10);
+    d.run_to_end();
+    let mut turn = prompt(1, 6);
+    turn.extend(&d.outputs[&1]);
+    turn.extend(prompt(7, 5));
+    d.add(2, turn.clone(), 4);
+    let plan = d.step();
+    // 16 tokens: the prompt and all but the last answer token were computed.
+    assert_eq!(plan.chunks[0].start_pos, 12);
+    d.run_to_end();
+    assert_eq!(d.outputs[&2], solo(turn, 4));
+}
+
+#[test]
+fn without_prefix_caching_or_reuse_every_token_is_computed() {
+    let off = SchedulerConfig {
+        prefix_caching: false,
+        ..Default::default()
+    };
+    let mut d = Driver::new(64, 4, off);
+    d.add(1, prompt(1, 10), 3);
+    d.run_to_end();
+    d.add(2, prompt(1, 10), 3);
+    assert_eq!(d.step().chunks[0].start_pos, 0);
+    d.run_to_end();
+    assert_eq!(d.sched.prefix_cache_counts(), (0, 0));
+
+    let mut d = Driver::new(64, 4, SchedulerConfig::default());
+    d.add(1, prompt(1, 10), 3);
+    d.run_to_end();
+    // Prompt logprobs need every position: this one reads nothing cached...
+    d.sched.add(2, prompt(1, 10), 0, false);
+    d.budget.insert(2, 3);
+    d.outputs.insert(2, Vec::new());
+    assert_eq!(d.step().chunks[0].start_pos, 0);
+    assert_eq!(d.sched.cached_tokens(2), Some(0));
+    d.run_to_end();
+    assert_eq!(d.outputs[&2], d.outputs[&1]);
+    // ...but what it computed is there for the others.
+    d.add(3, prompt(1, 10), 3);
+    assert_eq!(d.step().chunks[0].start_pos, 8);
+}
+
+#[test]
+fn shared_prefixes_under_preemption_and_eviction_give_solo_outputs() {
+    // Prompts from three shared prefixes (system prompts) with their own
+    // tails, through pools from tight (constant preemption and eviction) to
+    // roomy, chunked or not: each output equals the sequence's run alone,
+    // and every block is free at the end.
+    let prefixes: Vec<Vec<u32>> = (0..3)
+        .map(|i| prompt(100 + i, 5 + 4 * i as usize))
+        .collect();
+    for (blocks, block_size, batched) in [
+        (14, 4, 64),
+        (20, 4, 7),
+        (24, 3, 64),
+        (64, 4, 512),
+        (40, 8, 16),
+    ] {
+        let config = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: batched,
+            ..Default::default()
+        };
+        let mut d = Driver::new(blocks, block_size, config);
+        let specs: Vec<(SeqId, Vec<u32>, usize)> = (1..=18u64)
+            .map(|i| {
+                let prefix = &prefixes[i as usize % 3];
+                // Long enough for blocks of tail tokens alone, which follow
+                // different prefixes: only the prefix in the hash tells them apart.
+                let own = 4 + (i as usize * 5) % 9;
+                (
+                    i,
+                    with_prefix(prefix, i as u32 % 4, own),
+                    4 + (i as usize * 3) % 9,
+                )
+            })
+            .collect();
+        // Half at once, half as the first ones finish.
+        for (id, p, gen) in &specs[..9] {
+            d.add(*id, p.clone(), *gen);
+        }
+        for _ in 0..6 {
+            d.step();
+        }
+        for (id, p, gen) in &specs[9..] {
+            d.add(*id, p.clone(), *gen);
+        }
+        d.run_to_end();
+        if blocks < 30 {
+            assert!(d.sched.preemptions() > 0, "{blocks}x{block_size} preempts");
+        }
+        let (queries, hits) = d.sched.prefix_cache_counts();
+        assert!(
+            hits > 0 && hits < queries,
+            "{blocks}x{block_size}: {hits} of {queries}"
+        );
+        for (id, p, gen) in &specs {
+            assert_eq!(
+                d.outputs[id],
+                solo(p.clone(), *gen),
+                "{blocks}x{block_size}, seq {id}"
+            );
+        }
+        assert_eq!(d.sched.num_free_blocks(), blocks, "{blocks}x{block_size}");
+    }
 }

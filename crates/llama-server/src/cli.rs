@@ -96,6 +96,13 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_OVERLAP")]
     pub overlap: Option<String>,
 
+    /// on or off [default: on]: automatic prefix caching. A prompt starts
+    /// from the KV blocks of the longest prefix already computed (a shared
+    /// system prompt, the earlier turns of a chat), kept until the cache
+    /// needs the room; usage reports them as prompt_tokens_details.cached_tokens.
+    #[arg(long, env = "LLAMA_SERVE_PREFIX_CACHING")]
+    pub prefix_caching: Option<String>,
+
     /// Most sequences running in one step.
     #[arg(long, env = "LLAMA_SERVE_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -162,6 +169,7 @@ pub struct FileConfig {
     pub sampling: Option<String>,
     pub cuda_graphs: Option<String>,
     pub overlap: Option<String>,
+    pub prefix_caching: Option<String>,
     pub max_num_seqs: Option<usize>,
     pub max_num_batched_tokens: Option<usize>,
     pub max_queue: Option<usize>,

@@ -31,6 +31,10 @@ pub enum ChoiceEvent {
         completion_tokens: usize,
         /// Set on one choice per engine request: how long it queued.
         queue_time: Option<std::time::Duration>,
+        /// The prompt tokens its engine request found in the prefix cache, on
+        /// one choice per engine request (0 on the others), so that a sum
+        /// over choices counts each prompt once.
+        cached_tokens: usize,
     },
 }
 
@@ -120,6 +124,7 @@ fn renumber(event: StreamEvent, offset: usize) -> ChoiceEvent {
             finish_reason,
             completion_tokens: usage.completion_tokens,
             queue_time: (index == 0).then_some(usage.queue_time),
+            cached_tokens: if index == 0 { usage.cached_tokens } else { 0 },
         },
     }
 }
@@ -133,6 +138,8 @@ pub struct CollectedChoice {
     pub text_offsets: Vec<usize>,
     pub finish_reason: Option<FinishReason>,
     pub completion_tokens: usize,
+    /// See [`ChoiceEvent::Done`]: summed over choices, the cached prompt tokens.
+    pub cached_tokens: usize,
     /// The scored prompt, when the request asked for it.
     pub prompt_logprobs: Option<Vec<Option<SampledLogprobs>>>,
 }
@@ -171,6 +178,7 @@ pub async fn collect(
                 index,
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 let choice = choices.get_mut(index).ok_or_else(|| {
@@ -178,6 +186,7 @@ pub async fn collect(
                 })?;
                 choice.finish_reason = Some(finish_reason);
                 choice.completion_tokens = completion_tokens;
+                choice.cached_tokens = cached_tokens;
             }
         }
     }

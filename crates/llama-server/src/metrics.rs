@@ -63,6 +63,8 @@ pub struct Metrics {
     kv_blocks_total: IntGauge,
     kv_usage: prometheus::Gauge,
     preemptions: IntCounter,
+    prefix_cache_queries: IntCounter,
+    prefix_cache_hits: IntCounter,
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
     engine_requests: IntCounterVec,
@@ -179,6 +181,8 @@ impl Metrics {
             kv_blocks_used: int_gauge(&r, "llama_serve_kv_cache_blocks_used", "KV cache blocks in use."),
             kv_blocks_total: int_gauge(&r, "llama_serve_kv_cache_blocks_total", "KV cache blocks in the pool."),
             preemptions: int_counter(&r, "llama_serve_preemptions_total", "Sequences preempted (to be recomputed) for lack of KV blocks."),
+            prefix_cache_queries: int_counter(&r, "llama_serve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at admission."),
+            prefix_cache_hits: int_counter(&r, "llama_serve_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (their KV not computed again)."),
             prompt_tokens: int_counter(&r, "llama_serve_prompt_tokens_total", "Prompt tokens of admitted requests."),
             generation_tokens: int_counter(&r, "llama_serve_generation_tokens_total", "Tokens generated."),
             engine_up: int_gauge(&r, "llama_serve_engine_up", "1 while the engine thread runs its loop, 0 once it stopped."),
@@ -216,6 +220,8 @@ impl Metrics {
         // Engine totals only grow; copy them over as increments.
         let total = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
         total(&self.preemptions, stats.preemptions_total);
+        total(&self.prefix_cache_queries, stats.prefix_cache_queries_total);
+        total(&self.prefix_cache_hits, stats.prefix_cache_hits_total);
         total(&self.prompt_tokens, stats.prompt_tokens_total);
         total(&self.generation_tokens, stats.generation_tokens_total);
         total(&self.engine_steps, stats.steps_total);
@@ -336,6 +342,8 @@ mod tests {
             prompt_tokens_total: 30,
             generation_tokens_total: 12,
             preemptions_total: 1,
+            prefix_cache_queries_total: 40,
+            prefix_cache_hits_total: 16,
             steps_total: 7,
             graph_steps_total: 4,
             forward_ns: 1_500_000_000,
@@ -350,6 +358,8 @@ mod tests {
             "llama_serve_kv_cache_blocks_used 5",
             "llama_serve_kv_cache_blocks_total 20",
             "llama_serve_preemptions_total 1",
+            "llama_serve_prefix_cache_queries_total 40",
+            "llama_serve_prefix_cache_hits_total 16",
             "llama_serve_prompt_tokens_total 30",
             "llama_serve_generation_tokens_total 12",
             "llama_serve_engine_steps_total 7",

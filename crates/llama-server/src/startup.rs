@@ -52,11 +52,10 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
         engine.overlap = parse_overlap(name).map_err(|e| anyhow::anyhow!("--overlap: {e}"))?;
     }
     if let Some(name) = &settings.cuda_graphs {
-        engine.cuda_graphs = match name.trim() {
-            "on" => true,
-            "off" => false,
-            other => anyhow::bail!("--cuda-graphs: on or off, not {other:?}"),
-        };
+        engine.cuda_graphs = on_or_off("cuda-graphs", name)?;
+    }
+    if let Some(name) = &settings.prefix_caching {
+        engine.prefix_caching = on_or_off("prefix-caching", name)?;
     }
     if let Some(v) = settings.max_num_seqs {
         engine.max_num_seqs = v;
@@ -68,6 +67,14 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
         engine.max_queue = v;
     }
     Ok(engine)
+}
+
+fn on_or_off(flag: &str, name: &str) -> anyhow::Result<bool> {
+    match name.trim() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => anyhow::bail!("--{flag}: on or off, not {other:?}"),
+    }
 }
 
 /// The model's kernels: the fused ones unless the user asks otherwise.
@@ -234,6 +241,16 @@ mod tests {
         assert!(err.starts_with("--cuda-graphs"), "{err}");
         let default = engine_with(|_| {}).unwrap();
         assert!(!default.cuda_graphs);
+    }
+
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off() {
+        let with = |name: &str| engine_with(|e| e.prefix_caching = Some(name.into()));
+        assert!(with("on").unwrap().prefix_caching);
+        assert!(!with(" off").unwrap().prefix_caching);
+        let err = with("true").unwrap_err().to_string();
+        assert!(err.starts_with("--prefix-caching: on or off"), "{err}");
+        assert!(engine_with(|_| {}).unwrap().prefix_caching);
     }
 
     #[test]

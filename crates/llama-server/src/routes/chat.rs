@@ -119,6 +119,7 @@ pub async fn chat_completions(
                 .unwrap_or(false),
             prompt_tokens: submitted.prompt_tokens,
             completion_tokens: 0,
+            cached_tokens: 0,
             logprobs: logprobs.is_some(),
         };
         return Ok(sse::stream_response(
@@ -130,6 +131,7 @@ pub async fn chat_completions(
 
     let choices = generate::collect(submitted.events, submitted.num_choices).await?;
     let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    let cached_tokens = choices.iter().map(|c| c.cached_tokens).sum();
     let response = ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -151,7 +153,7 @@ pub async fn chat_completions(
                 finish_reason: c.finish_reason.map(|f| f.as_str().to_string()),
             })
             .collect(),
-        usage: UsageInfo::new(submitted.prompt_tokens, completion_tokens),
+        usage: UsageInfo::new(submitted.prompt_tokens, completion_tokens, cached_tokens),
     };
     Ok(Json(response).into_response())
 }
@@ -329,6 +331,7 @@ struct ChatFormatter {
     include_usage: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     logprobs: bool,
 }
 
@@ -402,9 +405,11 @@ impl ChunkFormatter for ChatFormatter {
                 index,
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 self.completion_tokens += completion_tokens;
+                self.cached_tokens += cached_tokens;
                 vec![sse::data(&self.chunk(
                     vec![ChatChunkChoice {
                         index,
@@ -422,7 +427,7 @@ impl ChunkFormatter for ChatFormatter {
         if !self.include_usage {
             return Vec::new();
         }
-        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens);
+        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens, self.cached_tokens);
         vec![sse::data(&self.chunk(Vec::new(), Some(usage)))]
     }
 }

@@ -167,6 +167,7 @@ pub async fn completions(
                 .unwrap_or(false),
             prompt_tokens: submitted.prompt_tokens,
             completion_tokens: 0,
+            cached_tokens: 0,
             logprobs: logprobs.is_some(),
             char_offsets: vec![0; submitted.num_choices],
             echoed: vec![false; submitted.num_choices],
@@ -182,6 +183,7 @@ pub async fn completions(
 
     let choices = generate::collect(submitted.events, submitted.num_choices).await?;
     let completion_tokens = choices.iter().map(|c| c.completion_tokens).sum();
+    let cached_tokens = choices.iter().map(|c| c.cached_tokens).sum();
     let response = Completion {
         id,
         object: "text_completion".into(),
@@ -214,7 +216,7 @@ pub async fn completions(
                 }
             })
             .collect(),
-        usage: Some(UsageInfo::new(submitted.prompt_tokens, completion_tokens)),
+        usage: Some(UsageInfo::new(submitted.prompt_tokens, completion_tokens, cached_tokens)),
     };
     Ok(Json(response).into_response())
 }
@@ -400,6 +402,7 @@ struct CompletionFormatter {
     include_usage: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     logprobs: bool,
     char_offsets: Vec<usize>,
     /// Per prompt, with `echo`: sent first in each of its choices.
@@ -450,9 +453,11 @@ impl CompletionFormatter {
                 index,
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
                 ..
             } => {
                 self.completion_tokens += completion_tokens;
+                self.cached_tokens += cached_tokens;
                 vec![sse::data(&self.chunk(
                     vec![CompletionChoice {
                         index,
@@ -519,7 +524,7 @@ impl ChunkFormatter for CompletionFormatter {
         if !self.include_usage {
             return Vec::new();
         }
-        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens);
+        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens, self.cached_tokens);
         vec![sse::data(&self.chunk(Vec::new(), Some(usage)))]
     }
 }

@@ -427,7 +427,11 @@ impl ChunkFormatter for ChatFormatter {
         if !self.include_usage {
             return Vec::new();
         }
-        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens, self.cached_tokens);
+        let usage = UsageInfo::new(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        );
         vec![sse::data(&self.chunk(Vec::new(), Some(usage)))]
     }
 }

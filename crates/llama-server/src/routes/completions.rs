@@ -216,7 +216,11 @@ pub async fn completions(
                 }
             })
             .collect(),
-        usage: Some(UsageInfo::new(submitted.prompt_tokens, completion_tokens, cached_tokens)),
+        usage: Some(UsageInfo::new(
+            submitted.prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        )),
     };
     Ok(Json(response).into_response())
 }
@@ -524,7 +528,11 @@ impl ChunkFormatter for CompletionFormatter {
         if !self.include_usage {
             return Vec::new();
         }
-        let usage = UsageInfo::new(self.prompt_tokens, self.completion_tokens, self.cached_tokens);
+        let usage = UsageInfo::new(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        );
         vec![sse::data(&self.chunk(Vec::new(), Some(usage)))]
     }
 }

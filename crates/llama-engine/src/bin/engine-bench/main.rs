@@ -40,6 +40,14 @@ struct Args {
     prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     gen: usize,
+    /// The first N prompt tokens are the same in every request (a shared
+    /// system prompt); the rest differ. 0: nothing is shared, not even across
+    /// levels.
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
+    /// Automatic prefix caching: on or off.
+    #[arg(long, default_value = "on")]
+    prefix_caching: String,
     /// Requests per level = concurrency × rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
@@ -109,8 +117,16 @@ fn main() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
         cuda_graphs: args.cuda_graphs,
         overlap: parse_overlap(&args.overlap).map_err(|e| anyhow::anyhow!("--overlap: {e}"))?,
+        prefix_caching: match args.prefix_caching.as_str() {
+            "on" => true,
+            "off" => false,
+            other => bail!("--prefix-caching: on or off, not {other:?}"),
+        },
         ..Default::default()
     };
+    if args.shared_prefix >= args.prompt_len {
+        bail!("--shared-prefix must be shorter than --prompt-len");
+    }
     let handle = match args.simulate_device {
         Some(times) => simulated_engine(&args, times, max_conc, config)?,
         None => model_engine(&args, dtype, config)?,
@@ -136,19 +152,28 @@ fn main() -> Result<()> {
         }
     });
     let mut rows = Vec::new();
+    // Numbers requests across levels, so that no level finds another's
+    // prompts in the prefix cache.
+    let mut next_request = 0;
     for &conc in &args.concurrency {
         let before = handle.stats();
         let t0 = Instant::now();
         let results: Vec<(Duration, usize)> = rt.block_on(async {
             let mut tasks = Vec::new();
             let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(conc));
-            for i in 0..conc * args.rounds {
-                // Distinct prompts so nothing is shared between requests.
+            for _ in 0..conc * args.rounds {
+                let i = next_request;
+                next_request += 1;
+                // BOS, the shared prefix, then tokens of this request's own.
                 let prompt: Vec<u32> = std::iter::once(1)
-                    .chain(
-                        (1..args.prompt_len)
-                            .map(|k| 100 + ((i * 7919 + k * 104729) % 30000) as u32),
-                    )
+                    .chain((1..args.prompt_len).map(|k| {
+                        let owner = if k <= args.shared_prefix {
+                            usize::MAX / 2
+                        } else {
+                            i
+                        };
+                        100 + ((owner * 7919 + k * 104729) % 30000) as u32
+                    }))
                     .collect();
                 let mut req = GenerateRequest::new(prompt, args.gen);
                 req.stop.ignore_eos = true;
@@ -228,6 +253,9 @@ fn main() -> Result<()> {
             // those steps' whole wall time, engine overhead included.
             "decode_tok_s": decode_tokens as f64 / (decode_step_ns.max(1) as f64 / 1e9),
             "preemptions": after.preemptions_total - before.preemptions_total,
+            // Prompt tokens whose KV came from the prefix cache.
+            "prefix_cache_hit_pct": 100.0 * (after.prefix_cache_hits_total - before.prefix_cache_hits_total) as f64
+                / (after.prefix_cache_queries_total - before.prefix_cache_queries_total).max(1) as f64,
             "graph_steps": after.graph_steps_total - before.graph_steps_total,
             "kv_blocks_used_after": after.kv_blocks_used,
             "kv_blocks_total": after.kv_blocks_total,
@@ -240,14 +268,14 @@ fn main() -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "cuda_graphs": args.cuda_graphs, "overlap": args.overlap, "simulated_device": args.simulate_device.map(|t| [t.step.as_secs_f64() * 1000.0, t.launch.as_secs_f64() * 1000.0]), "results": rows})
+            serde_json::json!({"device": args.device, "dtype": dtype.to_string(), "prompt_len": args.prompt_len, "gen": args.gen, "cuda_graphs": args.cuda_graphs, "overlap": args.overlap, "shared_prefix": args.shared_prefix, "prefix_caching": args.prefix_caching, "simulated_device": args.simulate_device.map(|t| [t.step.as_secs_f64() * 1000.0, t.launch.as_secs_f64() * 1000.0]), "results": rows})
         );
     } else {
-        println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | sent during step ms | preemptions | graph steps |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| concurrency | output tok/s | decode tok/s | TTFT p50 ms | TTFT p99 ms | ms/step | prompt steps s | decode ms/step | engine overhead % | sent during step ms | preemptions | graph steps | prefix cache hits % |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {:.2} | {} | {} | {:.0} |",
                 r["concurrency"],
                 r["output_tok_s"].as_f64().unwrap(),
                 r["decode_tok_s"].as_f64().unwrap(),
@@ -259,7 +287,8 @@ fn main() -> Result<()> {
                 r["engine_overhead_pct"].as_f64().unwrap(),
                 r["sent_during_step_ms_per_step"].as_f64().unwrap(),
                 r["preemptions"],
-                r["graph_steps"]
+                r["graph_steps"],
+                r["prefix_cache_hit_pct"].as_f64().unwrap()
             );
         }
     }

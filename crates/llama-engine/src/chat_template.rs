@@ -108,6 +108,9 @@ impl ChatTemplate {
     /// `chat_template.jinja` next to it, as newer transformers save it).
     /// No template, or Llama 2's own, selects [`ChatTemplate::Llama2`].
     pub fn from_model_dir(dir: &Path) -> Result<Self, ChatTemplateError> {
+        if let Some(path) = llama_model::gguf_path(dir).map_err(|e| config_error(dir, e))? {
+            return Self::from_gguf(&path);
+        }
         let config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
         let jinja_path = dir.join("chat_template.jinja");
         let source = match template_source(&config["chat_template"]) {
@@ -129,6 +132,29 @@ impl ChatTemplate {
         Ok(ChatTemplate::Jinja {
             bos_token: special("bos_token", "<s>"),
             eos_token: special("eos_token", "</s>"),
+            source,
+        })
+    }
+
+    /// A GGUF file's `tokenizer.chat_template`; Llama 2's format when it has none.
+    pub fn from_gguf(path: &Path) -> Result<Self, ChatTemplateError> {
+        let vocab = llama_model::GgufFile::open(path)
+            .and_then(|g| g.vocab())
+            .map_err(|e| config_error(path, e))?;
+        let Some(source) = vocab.chat_template else {
+            return Ok(ChatTemplate::Llama2);
+        };
+        if without_whitespace(&source) == without_whitespace(LLAMA2_CHAT_TEMPLATE) {
+            return Ok(ChatTemplate::Llama2);
+        }
+        let piece = |id: Option<u32>, fallback: &str| {
+            id.and_then(|i| vocab.tokens.get(i as usize))
+                .cloned()
+                .unwrap_or_else(|| fallback.to_owned())
+        };
+        Ok(ChatTemplate::Jinja {
+            bos_token: piece(vocab.bos_id, "<s>"),
+            eos_token: piece(vocab.eos_id, "</s>"),
             source,
         })
     }

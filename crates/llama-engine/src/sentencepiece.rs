@@ -6,7 +6,9 @@
 //!
 //! Only what Llama needs is read from the protobuf: the pieces with their
 //! scores and types, the model type (BPE), the unknown/BOS/EOS ids and
-//! whether a dummy-prefix space is added.
+//! whether a dummy-prefix space is added. GGUF files carry the same
+//! vocabulary in their metadata ([`SentencePieceVocab::from_gguf`]), and
+//! become the same `tokenizer.json`.
 
 use std::collections::HashMap;
 
@@ -23,9 +25,10 @@ pub enum SentencePieceError {
     NotBpe(&'static str),
 }
 
-/// What a piece is for, as `sentencepiece_model.proto` numbers them.
+/// What a piece is for, as `sentencepiece_model.proto` (and GGUF's
+/// `tokenizer.ggml.token_type`) numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PieceType {
+pub enum PieceType {
     Normal,
     Unknown,
     Control,
@@ -35,7 +38,7 @@ enum PieceType {
 }
 
 impl PieceType {
-    fn from_proto(value: u64) -> Self {
+    pub fn from_proto(value: i64) -> Self {
         match value {
             2 => Self::Unknown,
             3 => Self::Control,
@@ -45,26 +48,37 @@ impl PieceType {
             _ => Self::Normal,
         }
     }
+
+    pub fn as_proto(self) -> i32 {
+        match self {
+            Self::Normal => 1,
+            Self::Unknown => 2,
+            Self::Control => 3,
+            Self::UserDefined => 4,
+            Self::Unused => 5,
+            Self::Byte => 6,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
-struct Piece {
-    text: String,
-    score: f32,
-    kind: PieceType,
+pub struct Piece {
+    pub text: String,
+    pub score: f32,
+    pub kind: PieceType,
 }
 
 /// The parts of `ModelProto` the conversion needs.
-#[derive(Debug)]
-struct SentencePieceModel {
-    pieces: Vec<Piece>,
+#[derive(Debug, Clone)]
+pub struct SentencePieceVocab {
+    pub pieces: Vec<Piece>,
     /// `TrainerSpec.model_type`: 1 unigram, 2 BPE, 3 word, 4 char.
-    model_type: u64,
-    unk_id: usize,
-    bos_id: Option<usize>,
-    eos_id: Option<usize>,
-    byte_fallback: bool,
-    add_dummy_prefix: bool,
+    pub model_type: u64,
+    pub unk_id: usize,
+    pub bos_id: Option<usize>,
+    pub eos_id: Option<usize>,
+    pub byte_fallback: bool,
+    pub add_dummy_prefix: bool,
 }
 
 /// Whether the post-processor adds BOS and EOS (`add_bos_token` and
@@ -89,94 +103,145 @@ pub fn tokenizer_json(
     model: &[u8],
     use_special: SpecialTokenUse,
 ) -> Result<Value, SentencePieceError> {
-    let model = SentencePieceModel::parse(model)?;
-    match model.model_type {
-        2 => {}
-        1 => return Err(SentencePieceError::NotBpe("a unigram model")),
-        3 => return Err(SentencePieceError::NotBpe("a word model")),
-        4 => return Err(SentencePieceError::NotBpe("a character model")),
-        _ => return Err(SentencePieceError::NotBpe("of an unknown model type")),
-    }
-    let piece_text =
-        |id: Option<usize>| id.and_then(|i| model.pieces.get(i)).map(|p| p.text.clone());
-    let unk = piece_text(Some(model.unk_id)).ok_or_else(|| {
-        SentencePieceError::Malformed(format!("unk_id {} has no piece", model.unk_id))
-    })?;
+    SentencePieceVocab::parse(model)?.tokenizer_json(use_special)
+}
 
-    let vocab: serde_json::Map<String, Value> = model
-        .pieces
-        .iter()
-        .enumerate()
-        .map(|(id, p)| (p.text.clone(), json!(id)))
-        .collect();
-
-    // Control and unknown pieces are matched whole and never normalized, as
-    // SentencePiece treats them; user-defined pieces likewise, but they are
-    // ordinary text rather than special tokens.
-    let added_tokens: Vec<Value> = model
-        .pieces
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| {
-            matches!(
-                p.kind,
-                PieceType::Unknown | PieceType::Control | PieceType::UserDefined
-            )
-        })
-        .map(|(id, p)| {
-            json!({
-                "id": id,
-                "content": p.text,
-                "single_word": false,
-                "lstrip": false,
-                "rstrip": false,
-                "normalized": false,
-                "special": p.kind != PieceType::UserDefined,
+impl SentencePieceVocab {
+    /// The vocabulary llama.cpp's converter wrote into a GGUF file's
+    /// metadata (`tokenizer.ggml.model` "llama": SentencePiece BPE).
+    pub fn from_gguf(vocab: &llama_model::GgufVocab) -> Result<Self, SentencePieceError> {
+        if vocab.model != "llama" {
+            return Err(SentencePieceError::Malformed(format!(
+                "GGUF tokenizer model {:?}: only \"llama\" (SentencePiece BPE) is supported",
+                vocab.model
+            )));
+        }
+        let pieces: Vec<Piece> = vocab
+            .tokens
+            .iter()
+            .zip(&vocab.scores)
+            .zip(&vocab.token_types)
+            .map(|((text, &score), &kind)| Piece {
+                text: text.clone(),
+                score,
+                kind: PieceType::from_proto(kind as i64),
             })
+            .collect();
+        if pieces.is_empty() {
+            return Err(SentencePieceError::Malformed("it has no pieces".into()));
+        }
+        let unk_id = match vocab.unk_id {
+            Some(id) => id as usize,
+            None => pieces
+                .iter()
+                .position(|p| p.kind == PieceType::Unknown)
+                .unwrap_or(0),
+        };
+        Ok(Self {
+            byte_fallback: pieces.iter().any(|p| p.kind == PieceType::Byte),
+            pieces,
+            model_type: 2,
+            unk_id,
+            bos_id: vocab.bos_id.map(|id| id as usize),
+            eos_id: vocab.eos_id.map(|id| id as usize),
+            add_dummy_prefix: vocab.add_space_prefix.unwrap_or(true),
         })
-        .collect();
-
-    let mut normalizers = Vec::new();
-    if model.add_dummy_prefix {
-        normalizers.push(json!({"type": "Prepend", "prepend": SPIECE_UNDERLINE}));
-    }
-    normalizers
-        .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE}));
-
-    let mut decoders = vec![
-        json!({"type": "Replace", "pattern": {"String": SPIECE_UNDERLINE}, "content": " "}),
-        json!({"type": "ByteFallback"}),
-        json!({"type": "Fuse"}),
-    ];
-    if model.add_dummy_prefix {
-        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
 
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens,
-        "normalizer": {"type": "Sequence", "normalizers": normalizers},
-        "pre_tokenizer": null,
-        "post_processor": post_processor(
-            use_special,
-            piece_text(model.bos_id).zip(model.bos_id),
-            piece_text(model.eos_id).zip(model.eos_id),
-        ),
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": unk,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": true,
-            "byte_fallback": model.byte_fallback,
-            "vocab": vocab,
-            "merges": merges(&model.pieces),
-        },
-    }))
+    pub fn tokenizer_json(
+        &self,
+        use_special: SpecialTokenUse,
+    ) -> Result<Value, SentencePieceError> {
+        let model = self;
+        match model.model_type {
+            2 => {}
+            1 => return Err(SentencePieceError::NotBpe("a unigram model")),
+            3 => return Err(SentencePieceError::NotBpe("a word model")),
+            4 => return Err(SentencePieceError::NotBpe("a character model")),
+            _ => return Err(SentencePieceError::NotBpe("of an unknown model type")),
+        }
+        let piece_text =
+            |id: Option<usize>| id.and_then(|i| model.pieces.get(i)).map(|p| p.text.clone());
+        let unk = piece_text(Some(model.unk_id)).ok_or_else(|| {
+            SentencePieceError::Malformed(format!("unk_id {} has no piece", model.unk_id))
+        })?;
+
+        let vocab: serde_json::Map<String, Value> = model
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(id, p)| (p.text.clone(), json!(id)))
+            .collect();
+
+        // Control and unknown pieces are matched whole and never normalized, as
+        // SentencePiece treats them; user-defined pieces likewise, but they are
+        // ordinary text rather than special tokens.
+        let added_tokens: Vec<Value> = model
+            .pieces
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                matches!(
+                    p.kind,
+                    PieceType::Unknown | PieceType::Control | PieceType::UserDefined
+                )
+            })
+            .map(|(id, p)| {
+                json!({
+                    "id": id,
+                    "content": p.text,
+                    "single_word": false,
+                    "lstrip": false,
+                    "rstrip": false,
+                    "normalized": false,
+                    "special": p.kind != PieceType::UserDefined,
+                })
+            })
+            .collect();
+
+        let mut normalizers = Vec::new();
+        if model.add_dummy_prefix {
+            normalizers.push(json!({"type": "Prepend", "prepend": SPIECE_UNDERLINE}));
+        }
+        normalizers.push(
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE}),
+        );
+
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": SPIECE_UNDERLINE}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if model.add_dummy_prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added_tokens,
+            "normalizer": {"type": "Sequence", "normalizers": normalizers},
+            "pre_tokenizer": null,
+            "post_processor": post_processor(
+                use_special,
+                piece_text(model.bos_id).zip(model.bos_id),
+                piece_text(model.eos_id).zip(model.eos_id),
+            ),
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": unk,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": true,
+                "byte_fallback": model.byte_fallback,
+                "vocab": vocab,
+                "merges": merges(&model.pieces),
+            },
+        }))
+    }
 }
 
 /// Every split of a piece into two pieces of the vocabulary is a merge,
@@ -248,8 +313,9 @@ fn post_processor(
     })
 }
 
-impl SentencePieceModel {
-    fn parse(bytes: &[u8]) -> Result<Self, SentencePieceError> {
+impl SentencePieceVocab {
+    /// Reads a `tokenizer.model` (SentencePiece's `ModelProto`).
+    pub fn parse(bytes: &[u8]) -> Result<Self, SentencePieceError> {
         let mut model = Self {
             pieces: Vec::new(),
             model_type: 1,
@@ -319,7 +385,7 @@ fn parse_piece(bytes: &[u8]) -> Result<Piece, SentencePieceError> {
                     .map_err(|_| SentencePieceError::Malformed("a piece is not UTF-8".into()))?
             }
             (2, Field::Fixed32(bits)) => piece.score = f32::from_bits(bits),
-            (3, Field::Varint(v)) => piece.kind = PieceType::from_proto(v),
+            (3, Field::Varint(v)) => piece.kind = PieceType::from_proto(v as i64),
             _ => {}
         }
     }

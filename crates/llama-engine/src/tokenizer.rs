@@ -104,8 +104,16 @@ impl Tokenizer {
     /// Loads `tokenizer.json` from a model directory (else converts
     /// `tokenizer.model`), with the BOS/EOS tokens and `add_bos_token` from
     /// `tokenizer_config.json` (then `special_tokens_map.json`) when those
-    /// files exist.
+    /// files exist. A GGUF file (or a directory holding only one) gives the
+    /// tokenizer its metadata describes.
     pub fn from_model_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let gguf = llama_model::gguf_path(dir).map_err(|e| TokenizerError::Load {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if let Some(path) = gguf {
+            return Self::from_gguf(&path);
+        }
         let mut config = SpecialTokenConfig::default();
         // tokenizer_config.json wins over special_tokens_map.json, as in transformers.
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
@@ -151,6 +159,33 @@ impl Tokenizer {
         })?;
         tracing::info!(path = %model_path.display(), "no tokenizer.json: converted the SentencePiece model");
         Self::build(&model_path, json, config)
+    }
+
+    /// The SentencePiece vocabulary of a GGUF file's metadata, converted as
+    /// a `tokenizer.model` would be.
+    pub fn from_gguf(path: &Path) -> Result<Self, TokenizerError> {
+        let load_error = |message: String| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        let vocab = llama_model::GgufFile::open(path)
+            .and_then(|g| g.vocab())
+            .map_err(|e| load_error(e.to_string()))?;
+        let piece = |id: Option<u32>| id.and_then(|i| vocab.tokens.get(i as usize)).cloned();
+        let config = SpecialTokenConfig {
+            bos: piece(vocab.bos_id),
+            eos: piece(vocab.eos_id),
+            add_bos: vocab.add_bos,
+            add_eos: vocab.add_eos,
+        };
+        let use_special = sentencepiece::SpecialTokenUse {
+            add_bos: config.add_bos.unwrap_or(true),
+            add_eos: config.add_eos.unwrap_or(false),
+        };
+        let json = sentencepiece::SentencePieceVocab::from_gguf(&vocab)
+            .and_then(|v| v.tokenizer_json(use_special))
+            .map_err(|e| load_error(e.to_string()))?;
+        Self::build(path, json, config)
     }
 
     /// Loads a bare `tokenizer.json`; BOS/EOS are looked up as `<s>` / `</s>`.

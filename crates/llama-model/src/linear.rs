@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Module, Result, Tensor};
 
 use crate::cpu_gemm::{PackedLinear, PackedWeight};
 
@@ -14,6 +15,13 @@ pub enum Linear {
     /// f32 on the CPU: the same weight packed once for the CPU GEMM
     /// (`cpu_gemm`), which beats a general GEMM that repacks it every call.
     PackedCpu(PackedLinear),
+    /// A GGUF weight in one of ggml's block formats (Q4_K, Q8_0, ...), kept
+    /// quantized: Candle's quantized matmul reads it as it is.
+    Quantized(QMatMul),
+    /// Projections fused on the output axis whose weights cannot be
+    /// concatenated (quantized in different formats, as llama.cpp's mixed
+    /// presets do): each runs on its own, outputs side by side.
+    Stacked(Vec<Linear>),
 }
 
 impl Linear {
@@ -37,6 +45,15 @@ impl Linear {
             // one warp per four rows left most of the GPU idle on the
             // smaller projections. `forward_gemv` is the second attempt.
             Linear::Dense(w) => x.matmul(&w.t()?),
+            // Candle's quantized matmul takes and gives f32.
+            Linear::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+            Linear::Stacked(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, outs[0].rank() - 1)
+            }
         }
     }
 
@@ -60,6 +77,9 @@ impl Linear {
         match self {
             Linear::Dense(w) => w.dims()[0],
             Linear::PackedCpu(p) => p.0.out_features(),
+            Linear::Quantized(QMatMul::QTensor(q)) => q.shape().dims()[0],
+            Linear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dims()[0],
+            Linear::Stacked(parts) => parts.iter().map(Linear::out_features).sum(),
         }
     }
 }

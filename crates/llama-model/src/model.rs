@@ -91,7 +91,15 @@ pub struct LlamaModel {
 
 impl LlamaModel {
     /// Loads `config.json` and the safetensors weights of a local model directory.
+    /// A Hugging Face directory, or a GGUF file (or a directory holding
+    /// only one, see [`crate::gguf::gguf_path`]).
     pub fn load(dir: &std::path::Path, device: &Device, options: ModelOptions) -> Result<Self> {
+        if let Some(path) = crate::gguf::gguf_path(dir)? {
+            let mut gguf = crate::gguf::GgufFile::open(&path)?;
+            let cfg = gguf.config()?;
+            let weights = crate::gguf::load_weights(&mut gguf, &cfg, options.dtype, device)?;
+            return Self::from_weights(cfg, weights, device, options);
+        }
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
         let st = CheckpointWeights::open_dir(dir)?;
         let weights = LlamaWeights::from_safetensors(&cfg, &st, options.dtype, device)?;

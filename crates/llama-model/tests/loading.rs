@@ -1,11 +1,13 @@
 //! Loading: sharded checkpoints, PyTorch checkpoints, and errors that name
 //! their culprit.
 
+mod gguf_writer;
 mod torch_save;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use llama_model::{
     BatchInput, BlockTable, Device, KvBudget, KvCacheSpec, LlamaModel, ModelOptions, SeqChunk,
     Tensor,
@@ -352,4 +354,142 @@ fn directory_without_weights_says_so() {
     .unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("no weights"), "{err}");
+}
+
+fn fixture_config() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap()
+}
+
+/// The fixture written as a GGUF file, each tensor in `format(name, shape)`.
+fn gguf_with(format: &dyn Fn(&str, &[usize]) -> GgmlDType) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-llama.gguf");
+    gguf_writer::write_gguf(&path, &fixture_config(), &fixture_tensors(), format, None);
+    (dir, path)
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f32 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn gguf_float_weights_give_the_safetensors_logits() {
+    // The fixture's weights are f16: in F16 or F32 the GGUF file holds the
+    // very same values, so only a wrong q/k row order or fusion could
+    // change a logit.
+    let reference = last_logits(&fixture());
+    for dtype in [GgmlDType::F32, GgmlDType::F16] {
+        let (dir, path) = gguf_with(&|_, shape| {
+            if shape.len() < 2 {
+                GgmlDType::F32
+            } else {
+                dtype
+            }
+        });
+        assert_eq!(last_logits(&path), reference, "{dtype:?}");
+        // A directory holding only the file loads it too.
+        assert_eq!(last_logits(dir.path()), reference, "{dtype:?} by directory");
+    }
+}
+
+#[test]
+fn quantized_gguf_stays_close_to_the_float_model() {
+    let reference = last_logits(&fixture());
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    for (format, bound) in [
+        (GgmlDType::Q8_0, 0.02),
+        (GgmlDType::Q4_0, 0.25),
+        (GgmlDType::Q4_1, 0.25),
+    ] {
+        let (_dir, path) = gguf_with(&|_, shape| gguf_writer::or_f16(format, shape));
+        let logits = last_logits(&path);
+        let err = relative_error(&logits, &reference);
+        eprintln!("{format:?}: relative error {err}");
+        assert!(err < bound, "{format:?}: {err}");
+        if format == GgmlDType::Q8_0 {
+            assert_eq!(argmax(&logits), argmax(&reference));
+        }
+    }
+    // Formats mixed inside the fused projections (llama.cpp's Q4_K_M keeps
+    // attn_v and some FFN weights in a wider format): q and k in Q8_0 with v
+    // in F32 holding the same values as a Q8_0 v runs them side by side, and
+    // gives what one Q8_0 matmul over all three gives.
+    let (_dir, all_q8) = gguf_with(&|_, shape| gguf_writer::or_f16(GgmlDType::Q8_0, shape));
+    let mut tensors = fixture_tensors();
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("v_proj.weight") || name.ends_with("up_proj.weight") {
+            let q = candle_core::quantized::QTensor::quantize(
+                &t.to_dtype(candle_core::DType::F32).unwrap(),
+                GgmlDType::Q8_0,
+            )
+            .unwrap();
+            *t = q.dequantize(&Device::Cpu).unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mixed = dir.path().join("mixed.gguf");
+    gguf_writer::write_gguf(
+        &mixed,
+        &fixture_config(),
+        &tensors,
+        &|name, shape| {
+            if name.ends_with("attn_v.weight") || name.ends_with("ffn_up.weight") {
+                GgmlDType::F32
+            } else {
+                gguf_writer::or_f16(GgmlDType::Q8_0, shape)
+            }
+        },
+        None,
+    );
+    let (a, b) = (last_logits(&all_q8), last_logits(&mixed));
+    let err = relative_error(&b, &a);
+    eprintln!("mixed vs uniform Q8_0: relative error {err}");
+    assert!(err < 0.03, "{err}");
+}
+
+#[test]
+fn gguf_problems_are_named() {
+    let (dir, path) = gguf_with(&|_, shape| gguf_writer::or_f16(GgmlDType::Q8_0, shape));
+    // Two files and no config.json: which one is meant?
+    std::fs::copy(&path, dir.path().join("other.gguf")).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("2 GGUF files") && err.contains("other.gguf"),
+        "{err}"
+    );
+    // Not GGUF at all.
+    std::fs::write(&path, b"not a gguf file").unwrap();
+    let err = load_err(&path);
+    assert!(
+        err.contains("not a GGUF file") && err.contains("tiny-llama.gguf"),
+        "{err}"
+    );
+    // A missing tensor is named, with the file.
+    let mut tensors = fixture_tensors();
+    tensors.remove("model.layers.1.mlp.down_proj.weight");
+    gguf_writer::write_gguf(
+        &path,
+        &fixture_config(),
+        &tensors,
+        &|_, _| GgmlDType::F32,
+        None,
+    );
+    let err = load_err(&path);
+    assert!(
+        err.contains("blk.1.ffn_down.weight") && err.contains("tiny-llama.gguf"),
+        "{err}"
+    );
+    // A Hugging Face directory with a GGUF file beside it stays a Hugging Face checkpoint.
+    let hf = checkpoint_with(&fixture_tensors(), 1, Format::Safetensors);
+    std::fs::copy(&path, hf.path().join("broken.gguf")).unwrap();
+    assert_eq!(last_logits(hf.path()), last_logits(&fixture()));
 }

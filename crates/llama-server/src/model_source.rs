@@ -12,7 +12,8 @@ use crate::config::HubOptions;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
     /// A directory with config.json, tokenizer.json (or SentencePiece's
-    /// tokenizer.model) and safetensors weights.
+    /// tokenizer.model) and safetensors weights; or a GGUF file, or a
+    /// directory holding only one.
     Dir(PathBuf),
     /// Random weights of a named shape; text goes through the bundled tokenizer.
     Random {
@@ -82,14 +83,26 @@ pub async fn resolve(
         });
     }
     let path = Path::new(spec);
-    if path.is_dir() {
-        if !path.join("config.json").is_file() {
-            bail!("{} is a directory without a config.json", path.display());
+    let gguf = llama_model::gguf_path(path)?;
+    if path.is_dir() || gguf.is_some() {
+        if gguf.is_none() && !path.join("config.json").is_file() {
+            bail!(
+                "{} is a directory without a config.json or a .gguf file",
+                path.display()
+            );
         }
+        // A GGUF file is named without its extension, as llama.cpp's server does.
         let name = path
             .canonicalize()
             .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .and_then(|p| {
+                let name = if p.is_file() {
+                    p.file_stem()
+                } else {
+                    p.file_name()
+                };
+                name.map(|n| n.to_string_lossy().into_owned())
+            })
             .unwrap_or_else(|| spec.to_string());
         let aliases = if name == spec {
             Vec::new()

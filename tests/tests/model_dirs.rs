@@ -1,12 +1,15 @@
 //! Model directories in the layouts checkpoints are published in, served
 //! with `--model DIR` and compared with the bundled model over HTTP.
 
+#[path = "../../crates/llama-model/tests/gguf_writer/mod.rs"]
+mod gguf_writer;
 #[path = "../../crates/llama-model/tests/torch_save/mod.rs"]
 mod torch_save;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use candle_core::quantized::GgmlDType;
 use e2e::{workspace_root, Server};
 use serde_json::{json, Value};
 
@@ -288,4 +291,107 @@ async fn code_llama_fills_in_the_middle() {
     assert_eq!(reply.body["error"]["param"], "suffix");
     server.terminate(Duration::from_secs(30)).await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The bundled model as llama.cpp's converter would write it: one GGUF file
+/// holding the weights (2-D ones in `format`), the config and the tokenizer
+/// (from Meta's `tokenizer.model`), with `chat_template` if given.
+fn bundled_as_gguf(name: &str, format: GgmlDType, chat_template: Option<&str>) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llama-serve-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundled = workspace_root().join("models/tiny-llama");
+    let tensors = candle_core::safetensors::load(
+        bundled.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(bundled.join("config.json")).unwrap()).unwrap();
+    let sp = std::fs::read(workspace_root().join("tests/fixtures/llama2-tokenizer.model")).unwrap();
+    let sp = llama_engine::sentencepiece::SentencePieceVocab::parse(&sp).unwrap();
+    let vocab = gguf_writer::Vocab {
+        tokens: sp.pieces.iter().map(|p| p.text.clone()).collect(),
+        scores: sp.pieces.iter().map(|p| p.score).collect(),
+        types: sp.pieces.iter().map(|p| p.kind.as_proto()).collect(),
+        bos: 1,
+        eos: 2,
+        unk: 0,
+        chat_template: chat_template.map(str::to_string),
+    };
+    let path = dir.join(format!("{name}.gguf"));
+    gguf_writer::write_gguf(
+        &path,
+        &config,
+        &tensors,
+        &|_, shape| gguf_writer::or_f16(format, shape),
+        Some(&vocab),
+    );
+    path
+}
+
+/// `--model FILE.gguf`: in F16 the file holds the bundled weights exactly,
+/// so the prompt ids and the greedy answer are the bundled model's. In Q8_0
+/// it serves under the file's name, streams, and tokenizes the same; with a
+/// chat template in its metadata, chats are rendered by that template.
+#[tokio::test]
+async fn a_gguf_file_is_served_like_the_bundled_model() {
+    let f16 = bundled_as_gguf("tiny-llama-f16", GgmlDType::F16, None);
+    let (bundled_message, bundled_ids) = greedy_answer(None).await;
+    let (message, ids) = greedy_answer(Some(&f16)).await;
+    assert_eq!(ids, bundled_ids);
+    assert_eq!(message, bundled_message);
+
+    let chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\n' }}";
+    let q8 = bundled_as_gguf("tiny-llama-q8_0", GgmlDType::Q8_0, Some(chatml));
+    let mut server = Server::builder()
+        .args(["--model", q8.to_str().unwrap()])
+        .start()
+        .await
+        .unwrap();
+    let models = server.get_json("/v1/models").await.unwrap();
+    assert_eq!(
+        models.body["data"][0]["id"], "tiny-llama-q8_0",
+        "{}",
+        models.text
+    );
+    let prompt = "Name a café in Zürich 🦙, then count: 1 2 3";
+    let tokenized = server
+        .post_json("/tokenize", &json!({"prompt": prompt}))
+        .await
+        .unwrap();
+    let bundled = Server::start().await.unwrap();
+    let expected = bundled
+        .post_json("/tokenize", &json!({"prompt": prompt}))
+        .await
+        .unwrap();
+    assert_eq!(tokenized.body["tokens"], expected.body["tokens"]);
+    let rendered = server
+        .post_json(
+            "/tokenize",
+            &json!({"messages": [{"role": "user", "content": "Hi"}], "return_token_strs": true}),
+        )
+        .await
+        .unwrap();
+    let text = server
+        .post_json("/detokenize", &json!({"tokens": rendered.body["tokens"]}))
+        .await
+        .unwrap();
+    assert_eq!(
+        text.body["prompt"], "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "{}",
+        text.text
+    );
+    let chunks = server
+        .post_sse(
+            "/v1/chat/completions",
+            &json!({"model": "tiny-llama-q8_0", "stream": true, "max_tokens": 8, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Hello!"}]}),
+        )
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(chunks.last().unwrap()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{chunks:?}");
+    server.terminate(Duration::from_secs(30)).await.unwrap();
+    std::fs::remove_file(&f16).unwrap();
+    std::fs::remove_file(&q8).unwrap();
 }

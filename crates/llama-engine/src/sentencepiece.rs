@@ -507,6 +507,39 @@ mod tests {
         }
     }
 
+    /// llama.cpp's converter writes the pieces, scores and types of
+    /// `tokenizer.model` into GGUF metadata; from there they become the
+    /// same `tokenizer.json`.
+    #[test]
+    fn gguf_vocabulary_converts_to_the_published_tokenizer_json() {
+        let bytes = std::fs::read(fixture_dir().join("llama2-tokenizer.model")).unwrap();
+        let model = SentencePieceVocab::parse(&bytes).unwrap();
+        let gguf = llama_model::GgufVocab {
+            model: "llama".into(),
+            tokens: model.pieces.iter().map(|p| p.text.clone()).collect(),
+            scores: model.pieces.iter().map(|p| p.score).collect(),
+            token_types: model.pieces.iter().map(|p| p.kind.as_proto()).collect(),
+            unk_id: Some(0),
+            bos_id: Some(1),
+            eos_id: Some(2),
+            ..Default::default()
+        };
+        let json = SentencePieceVocab::from_gguf(&gguf)
+            .unwrap()
+            .tokenizer_json(SpecialTokenUse::default())
+            .unwrap();
+        assert_eq!(json, converted());
+        assert_eq!(json["model"]["merges"], published()["model"]["merges"]);
+        let other = llama_model::GgufVocab {
+            model: "gpt2".into(),
+            ..gguf
+        };
+        let err = SentencePieceVocab::from_gguf(&other)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"gpt2\""), "{err}");
+    }
+
     #[test]
     fn garbage_is_refused_with_a_reason() {
         let err = tokenizer_json(b"not a model", SpecialTokenUse::default()).unwrap_err();

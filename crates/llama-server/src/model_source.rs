@@ -116,7 +116,7 @@ pub async fn resolve(
         });
     }
     if !looks_like_repo_id(spec) {
-        bail!("--model {spec}: not a directory, not a Hugging Face repo id (owner/name), not random:SHAPE");
+        bail!("--model {spec}: not a directory, not a .gguf file, not a Hugging Face repo id (owner/name), not random:SHAPE");
     }
     let dir = fetch_from_hub(spec, revision, hub).await?;
     Ok(ResolvedModel {

@@ -29,8 +29,10 @@ pub struct Cli {
     #[arg(long, env = "LLAMA_SERVE_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// A local model directory, a Hugging Face repo id (e.g. meta-llama/Llama-2-7b-chat-hf),
-    /// or random:SHAPE (tiny, 134m, 7b, 13b, 70b) for random weights. Default: the bundled tiny model.
+    /// A local model directory or GGUF file, a Hugging Face repo id (e.g.
+    /// meta-llama/Llama-2-7b-chat-hf) or one GGUF file of a repo
+    /// (owner/name/FILE.gguf), or random:SHAPE (tiny, 134m, 7b, 13b, 70b) for
+    /// random weights. Default: the bundled tiny model.
     #[arg(long, env = "LLAMA_SERVE_MODEL")]
     pub model: Option<String>,
 

@@ -115,8 +115,19 @@ pub async fn resolve(
             aliases,
         });
     }
+    if let Some((id, file)) = gguf_on_hub(spec) {
+        let path = fetch_file_from_hub(id, file, revision, hub).await?;
+        let name = Path::new(file)
+            .file_stem()
+            .map_or_else(|| spec.to_string(), |s| s.to_string_lossy().into_owned());
+        return Ok(ResolvedModel {
+            source: ModelSource::Dir(path),
+            name,
+            aliases: vec![spec.to_string()],
+        });
+    }
     if !looks_like_repo_id(spec) {
-        bail!("--model {spec}: not a directory, not a .gguf file, not a Hugging Face repo id (owner/name), not random:SHAPE");
+        bail!("--model {spec}: not a directory, not a .gguf file, not a Hugging Face repo id (owner/name) or a GGUF file in one (owner/name/FILE.gguf), not random:SHAPE");
     }
     let dir = fetch_from_hub(spec, revision, hub).await?;
     Ok(ResolvedModel {
@@ -142,6 +153,62 @@ const WEIGHTS: &[(&str, &str)] = &[
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 ];
+
+/// `owner/name/FILE.gguf` (the file may be in a folder of the repo): one
+/// GGUF file of a Hub repo, as llama.cpp's quantizations are published.
+fn gguf_on_hub(spec: &str) -> Option<(&str, &str)> {
+    let (owner, rest) = spec.split_once('/')?;
+    let (name, file) = rest.split_once('/')?;
+    let id = &spec[..owner.len() + 1 + name.len()];
+    let is_gguf = file.to_ascii_lowercase().ends_with(".gguf");
+    (is_gguf && looks_like_repo_id(id) && !file.split('/').any(|p| p.is_empty() || p == ".."))
+        .then_some((id, file))
+}
+
+fn cache_of(hub: &HubOptions) -> Cache {
+    match &hub.cache_dir {
+        Some(dir) => Cache::new(dir.clone()),
+        None => Cache::default(),
+    }
+}
+
+fn api_of(cache: Cache, hub: &HubOptions) -> anyhow::Result<hf_hub::api::tokio::Api> {
+    let mut builder = hf_hub::api::tokio::ApiBuilder::from_cache(cache).with_progress(true);
+    if let Some(token) = &hub.token {
+        builder = builder.with_token(Some(token.clone()));
+    }
+    if let Some(endpoint) = &hub.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    builder.build().context("building the Hugging Face client")
+}
+
+/// One file of a Hub repo: downloaded, or with `HF_HUB_OFFLINE` found in the cache.
+async fn fetch_file_from_hub(
+    id: &str,
+    file: &str,
+    revision: Option<&str>,
+    hub: &HubOptions,
+) -> anyhow::Result<PathBuf> {
+    let cache = cache_of(hub);
+    if hub.offline {
+        return cache.repo(repo(id, revision)).get(file).with_context(|| {
+            format!(
+                "HF_HUB_OFFLINE is set and {id}/{file} is not in the cache at {}",
+                cache.path().display()
+            )
+        });
+    }
+    let api = api_of(cache, hub)?;
+    tracing::info!(
+        repo = id,
+        file,
+        "fetching a GGUF file from the Hugging Face Hub (a cached copy is reused)"
+    );
+    api.repo(repo(id, revision)).get(file).await.with_context(|| {
+        format!("downloading {id}/{file} (gated models need HF_TOKEN with access granted on huggingface.co)")
+    })
+}
 
 fn repo(id: &str, revision: Option<&str>) -> Repo {
     match revision {
@@ -173,10 +240,7 @@ async fn fetch_from_hub(
     revision: Option<&str>,
     hub: &HubOptions,
 ) -> anyhow::Result<PathBuf> {
-    let cache = match &hub.cache_dir {
-        Some(dir) => Cache::new(dir.clone()),
-        None => Cache::default(),
-    };
+    let cache = cache_of(hub);
     if hub.offline {
         let cached = cache.repo(repo(id, revision));
         let get = |file: &str| cached.get(file);
@@ -203,16 +267,7 @@ async fn fetch_from_hub(
         return Ok(config.parent().map(Path::to_path_buf).unwrap_or_default());
     }
 
-    let mut builder = hf_hub::api::tokio::ApiBuilder::from_cache(cache).with_progress(true);
-    if let Some(token) = &hub.token {
-        builder = builder.with_token(Some(token.clone()));
-    }
-    if let Some(endpoint) = &hub.endpoint {
-        builder = builder.with_endpoint(endpoint.clone());
-    }
-    let api = builder
-        .build()
-        .context("building the Hugging Face client")?;
+    let api = api_of(cache, hub)?;
     let remote = api.repo(repo(id, revision));
     tracing::info!(
         repo = id,
@@ -307,5 +362,23 @@ mod tests {
         assert!(looks_like_repo_id("meta-llama/Llama-2-7b-chat-hf"));
         assert!(!looks_like_repo_id("./x/y/z"));
         assert!(!looks_like_repo_id("single"));
+        let hub_gguf = [
+            (
+                "TheBloke/Llama-2-7B-Chat-GGUF/llama-2-7b-chat.Q4_K_M.gguf",
+                true,
+            ),
+            ("acme/repo/q4/model.GGUF", true),
+            ("acme/repo", false),
+            ("acme/repo/model.safetensors", false),
+            ("acme/repo/../model.gguf", false),
+            ("./x/y/z.gguf", false),
+        ];
+        for (spec, expected) in hub_gguf {
+            assert_eq!(gguf_on_hub(spec).is_some(), expected, "{spec}");
+        }
+        assert_eq!(
+            gguf_on_hub("acme/repo/q4/model.gguf"),
+            Some(("acme/repo", "q4/model.gguf"))
+        );
     }
 }

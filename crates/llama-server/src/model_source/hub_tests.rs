@@ -250,3 +250,55 @@ async fn missing_pieces_are_named() {
     );
     assert!(message.contains("HF_HUB_OFFLINE"), "{message}");
 }
+
+#[tokio::test]
+async fn a_gguf_file_of_a_repo() {
+    let hub = fake_hub(&[(
+        "acme/quantized",
+        &[
+            ("tiny.Q8_0.gguf", b"gguf bytes"),
+            ("tiny.Q4_K_M.gguf", b"never fetched"),
+            ("config.json", b"never fetched"),
+        ],
+    )])
+    .await;
+    let resolved = resolve(Some("acme/quantized/tiny.Q8_0.gguf"), None, &hub.options)
+        .await
+        .unwrap();
+    assert_eq!(resolved.name, "tiny.Q8_0");
+    assert_eq!(
+        resolved.aliases,
+        vec!["acme/quantized/tiny.Q8_0.gguf".to_string()]
+    );
+    let ModelSource::Dir(path) = resolved.source else {
+        panic!("{:?}", resolved.source)
+    };
+    assert_eq!(std::fs::read(&path).unwrap(), b"gguf bytes");
+    let snapshot = path.parent().unwrap();
+    assert!(!snapshot.join("tiny.Q4_K_M.gguf").exists());
+    assert!(!snapshot.join("config.json").exists());
+
+    // Offline, from the cache; a file the cache lacks is named.
+    let offline = HubOptions {
+        offline: true,
+        ..hub.options.clone()
+    };
+    let again = resolve(Some("acme/quantized/tiny.Q8_0.gguf"), None, &offline)
+        .await
+        .unwrap();
+    assert_eq!(again.source, ModelSource::Dir(path));
+    let err = resolve(Some("acme/quantized/tiny.Q4_K_M.gguf"), None, &offline)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("acme/quantized/tiny.Q4_K_M.gguf is not in the cache"),
+        "{err:#}"
+    );
+    let err = resolve(Some("acme/quantized/missing.gguf"), None, &hub.options)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("downloading acme/quantized/missing.gguf"),
+        "{err:#}"
+    );
+}

@@ -70,9 +70,12 @@ fi
 # and as the engine runs below: decode over contexts 128..256 (not 128..160).
 DEVICE=cuda; DTYPE=bf16; SHAPE=7b; BATCHES=1,8,32,64; PROMPTS=128,512; GEN=128; SERVE_LOAD=64x128
 ENGINE_LEVELS=64,200; ENGINE_KV=90%; BEFORE_PROMPT=512
+# Prompts for the prefix-caching run: this long, the first SHARED tokens common to all.
+PREFIX_PROMPT=512; PREFIX_SHARED=448
 if [ "${1:-}" = "--dry-run" ]; then
   DEVICE=cpu; DTYPE=f32; SHAPE=tiny; BATCHES=1,8; PROMPTS=16; GEN=4; SERVE_LOAD=8x16
   ENGINE_LEVELS=4,8; ENGINE_KV=64MiB; BEFORE_PROMPT=16
+  PREFIX_PROMPT=96; PREFIX_SHARED=64
   BIN=target/debug
   for test in reference kernels; do
     t=$(ls -t target/debug/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
@@ -204,6 +207,19 @@ if [ "$GRAPHS" = 1 ] && step "engine-bench with CUDA graphs at $ENGINE_LEVELS co
     --tokenizer models/tiny-llama --concurrency "$ENGINE_LEVELS" --max-num-batched-tokens 2048 --prompt-len 128 --gen 128 --kv-cache-memory "$ENGINE_KV" --json \
     > "$OUT/engine-graphs.json" 2> "$OUT/engine-graphs.log" || { status=1; tail -n 5 "$OUT/engine-graphs.log"; }
   grep -E "CUDA graphs" "$OUT/engine-graphs.log" | head -n 3
+fi
+
+# Automatic prefix caching (on by default): prompts sharing a long system
+# prompt, computed once with caching, every time without.
+if step "engine-bench: $PREFIX_PROMPT-token prompts sharing $PREFIX_SHARED tokens, prefix caching off and on"; then
+  for pc in off on; do
+    timeout 120 "$BIN/engine-bench" --random-weights "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --kernels "$KERNELS" \
+      --tokenizer models/tiny-llama --concurrency "${ENGINE_LEVELS%%,*}" --rounds 2 --max-num-batched-tokens 2048 \
+      --prompt-len "$PREFIX_PROMPT" --shared-prefix "$PREFIX_SHARED" --gen "$GEN" --kv-cache-memory "$ENGINE_KV" --prefix-caching "$pc" --json \
+      > "$OUT/engine-prefix-$pc.json" 2> "$OUT/engine-prefix-$pc.log" || { status=1; tail -n 5 "$OUT/engine-prefix-$pc.log"; continue; }
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))["results"][0]; print("   prefix caching {0}: {1[output_tok_s]:.0f} tok/s, TTFT p50 {1[ttft_ms_p50]:.0f} ms, p99 {1[ttft_ms_p99]:.0f} ms, {1[prefix_cache_hit_pct]:.0f}% of prompt tokens cached".format(sys.argv[2], r))' \
+      "$OUT/engine-prefix-$pc.json" "$pc" || true
+  done
 fi
 
 # Sampled requests (temperature 0.8, top-p 0.95, seeded): on a GPU each row is

@@ -167,12 +167,15 @@ fn main() -> Result<()> {
                 // BOS, the shared prefix, then tokens of this request's own.
                 let prompt: Vec<u32> = std::iter::once(1)
                     .chain((1..args.prompt_len).map(|k| {
+                        // The shared prefix belongs to no request: an owner
+                        // past any request number.
                         let owner = if k <= args.shared_prefix {
-                            usize::MAX / 2
+                            u32::MAX as usize
                         } else {
                             i
                         };
-                        100 + ((owner * 7919 + k * 104729) % 30000) as u32
+                        let mixed = owner.wrapping_mul(7919).wrapping_add(k * 104729);
+                        100 + (mixed % 30000) as u32
                     }))
                     .collect();
                 let mut req = GenerateRequest::new(prompt, args.gen);

@@ -63,6 +63,16 @@ pub fn parse_overlap(name: &str) -> Result<Option<bool>, String> {
     parse_auto_choice(name, "on", "off")
 }
 
+/// A plain `on`/`off` switch (the server's `--prefix-caching` and
+/// `--cuda-graphs`, engine-bench's `--prefix-caching`).
+pub fn parse_on_off(name: &str) -> Result<bool, String> {
+    match name.trim() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("on or off, not {other:?}")),
+    }
+}
+
 fn parse_auto_choice(name: &str, yes: &str, no: &str) -> Result<Option<bool>, String> {
     match name.trim() {
         "auto" => Ok(None),

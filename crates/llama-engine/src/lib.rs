@@ -20,8 +20,8 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use engine::{
-    parse_draws_on_device, parse_overlap, start_engine, start_with_runner, EngineConfig,
-    EngineStartError,
+    parse_draws_on_device, parse_on_off, parse_overlap, start_engine, start_with_runner,
+    EngineConfig, EngineStartError,
 };
 pub use handle::{EngineHandle, Generation, StatsSnapshot};
 pub use request::{

@@ -14,7 +14,7 @@ pub enum ModelSource {
     /// A directory with config.json, tokenizer.json (or SentencePiece's
     /// tokenizer.model) and safetensors weights; or a GGUF file, or a
     /// directory holding only one.
-    Dir(PathBuf),
+    Local(PathBuf),
     /// Random weights of a named shape; text goes through the bundled tokenizer.
     Random {
         shape: String,
@@ -65,7 +65,7 @@ pub async fn resolve(
             "no --model given and the bundled model (models/tiny-llama) was not found; pass --model DIR or a Hugging Face repo id",
         )?;
         return Ok(ResolvedModel {
-            source: ModelSource::Dir(dir),
+            source: ModelSource::Local(dir),
             name: "tiny-llama".into(),
             aliases: Vec::new(),
         });
@@ -110,7 +110,7 @@ pub async fn resolve(
             vec![spec.to_string()]
         };
         return Ok(ResolvedModel {
-            source: ModelSource::Dir(path.to_path_buf()),
+            source: ModelSource::Local(path.to_path_buf()),
             name,
             aliases,
         });
@@ -121,7 +121,7 @@ pub async fn resolve(
             .file_stem()
             .map_or_else(|| spec.to_string(), |s| s.to_string_lossy().into_owned());
         return Ok(ResolvedModel {
-            source: ModelSource::Dir(path),
+            source: ModelSource::Local(path),
             name,
             aliases: vec![spec.to_string()],
         });
@@ -131,7 +131,7 @@ pub async fn resolve(
     }
     let dir = fetch_from_hub(spec, revision, hub).await?;
     Ok(ResolvedModel {
-        source: ModelSource::Dir(dir),
+        source: ModelSource::Local(dir),
         name: spec.to_string(),
         aliases: Vec::new(),
     })
@@ -332,7 +332,7 @@ mod tests {
         let bundled = resolve(None, None, &hub).await.unwrap();
         assert_eq!(bundled.name, "tiny-llama");
         assert!(
-            matches!(bundled.source, ModelSource::Dir(ref d) if d.join("tokenizer.json").is_file())
+            matches!(bundled.source, ModelSource::Local(ref d) if d.join("tokenizer.json").is_file())
         );
 
         let random = resolve(Some("random:7b"), None, &hub).await.unwrap();

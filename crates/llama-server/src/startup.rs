@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use llama_engine::{parse_draws_on_device, parse_overlap, start_engine, EngineConfig};
+use llama_engine::{
+    parse_draws_on_device, parse_on_off, parse_overlap, start_engine, EngineConfig,
+};
 use llama_model::attention::AttentionImpl;
 use llama_model::{
     resolve_shape, DTypeSpec, DeviceSpec, KvBudget, KvCacheSpec, LlamaModel, ModelOptions,
@@ -70,11 +72,7 @@ pub fn engine_config(config: &ServerConfig, device: DeviceSpec) -> anyhow::Resul
 }
 
 fn on_or_off(flag: &str, name: &str) -> anyhow::Result<bool> {
-    match name.trim() {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        other => anyhow::bail!("--{flag}: on or off, not {other:?}"),
-    }
+    parse_on_off(name).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
 }
 
 /// The model's kernels: the fused ones unless the user asks otherwise.
@@ -119,7 +117,7 @@ pub async fn load(config: &ServerConfig) -> anyhow::Result<AppState> {
         };
         let started = std::time::Instant::now();
         let (model, text_dir, defaults) = match &source {
-            ModelSource::Dir(dir) => (
+            ModelSource::Local(dir) => (
                 LlamaModel::load(dir, &device, model_options)
                     .with_context(|| format!("loading {}", dir.display()))?,
                 dir.clone(),

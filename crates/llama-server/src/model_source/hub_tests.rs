@@ -105,7 +105,7 @@ fn index(shards: &[&str]) -> Vec<u8> {
 
 async fn resolved_dir(id: &str, hub: &HubOptions) -> PathBuf {
     match resolve(Some(id), None, hub).await.unwrap().source {
-        ModelSource::Dir(dir) => dir,
+        ModelSource::Local(dir) => dir,
         other => panic!("{other:?}"),
     }
 }
@@ -270,7 +270,7 @@ async fn a_gguf_file_of_a_repo() {
         resolved.aliases,
         vec!["acme/quantized/tiny.Q8_0.gguf".to_string()]
     );
-    let ModelSource::Dir(path) = resolved.source else {
+    let ModelSource::Local(path) = resolved.source else {
         panic!("{:?}", resolved.source)
     };
     assert_eq!(std::fs::read(&path).unwrap(), b"gguf bytes");
@@ -286,7 +286,7 @@ async fn a_gguf_file_of_a_repo() {
     let again = resolve(Some("acme/quantized/tiny.Q8_0.gguf"), None, &offline)
         .await
         .unwrap();
-    assert_eq!(again.source, ModelSource::Dir(path));
+    assert_eq!(again.source, ModelSource::Local(path));
     let err = resolve(Some("acme/quantized/tiny.Q4_K_M.gguf"), None, &offline)
         .await
         .unwrap_err();

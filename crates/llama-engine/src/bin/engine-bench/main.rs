@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use llama_engine::tokenizer::Tokenizer;
 use llama_engine::{
-    parse_draws_on_device, parse_overlap, start_engine, start_with_runner, EngineConfig,
-    EngineHandle, GenerateRequest, StreamEvent,
+    parse_draws_on_device, parse_on_off, parse_overlap, start_engine, start_with_runner,
+    EngineConfig, EngineHandle, GenerateRequest, StreamEvent,
 };
 use llama_model::{
     resolve_shape, BlockAllocator, DTypeSpec, DeviceSpec, KvCacheSpec, LlamaModel, ModelOptions,
@@ -117,11 +117,8 @@ fn main() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("--draws: {e}"))?,
         cuda_graphs: args.cuda_graphs,
         overlap: parse_overlap(&args.overlap).map_err(|e| anyhow::anyhow!("--overlap: {e}"))?,
-        prefix_caching: match args.prefix_caching.as_str() {
-            "on" => true,
-            "off" => false,
-            other => bail!("--prefix-caching: on or off, not {other:?}"),
-        },
+        prefix_caching: parse_on_off(&args.prefix_caching)
+            .map_err(|e| anyhow::anyhow!("--prefix-caching: {e}"))?,
         ..Default::default()
     };
     if args.shared_prefix >= args.prompt_len {

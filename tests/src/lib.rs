@@ -407,6 +407,18 @@ impl Server {
         JsonReply::read(self.client.get(self.url(path)).send().await?).await
     }
 
+    /// The `/metrics` page, as Prometheus scrapes it.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// POST a JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<reqwest::Response> {
         Ok(self.client.post(self.url(path)).json(body).send().await?)

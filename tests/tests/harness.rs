@@ -57,15 +57,7 @@ async fn plain_kernels_answer_as_the_fused_ones() {
             reply.text
         );
         answers.push(reply.body["choices"][0]["message"]["content"].clone());
-        let metrics = server
-            .client()
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = server.metrics().await.unwrap();
         assert!(
             metrics.contains("\nllama_serve_cuda_graph_steps_total 0\n"),
             "{metrics}"

@@ -73,15 +73,7 @@ fn expected_hit(computed: &[u64], prompt: &[u64]) -> usize {
 }
 
 async fn metric(server: &Server, name: &str) -> f64 {
-    let text = server
-        .client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await.unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))

@@ -366,9 +366,15 @@ impl Scheduler {
             .iter()
             .map(|id| {
                 let s = &self.seqs[id];
-                s.reserve_forks * self.alloc.blocks_for(s.tokens.len())
+                s.reserve_forks * self.fork_blocks(s.tokens.len())
             })
             .sum()
+    }
+
+    /// Blocks one fork of a `prompt_len`-token prompt takes: it shares the
+    /// parent's full blocks and copies only the partly filled last one.
+    fn fork_blocks(&self, prompt_len: usize) -> usize {
+        usize::from(!prompt_len.is_multiple_of(self.alloc.block_size()))
     }
 
     fn chunk(&self, id: SeqId, len: usize) -> ScheduledChunk {
@@ -458,8 +464,9 @@ impl Scheduler {
             };
             let whole = self.alloc.blocks_for(s.tokens.len());
             // Cached blocks nobody holds leave the free list when shared.
-            let need_blocks =
-                whole - hits.len() + self.alloc.num_unreferenced(&hits) + whole * forks;
+            let need_blocks = whole - hits.len()
+                + self.alloc.num_unreferenced(&hits)
+                + forks * self.fork_blocks(s.tokens.len());
             if need_blocks + self.reserved_for_forks() > self.alloc.num_free() {
                 break;
             }

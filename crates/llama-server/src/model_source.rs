@@ -127,7 +127,12 @@ pub async fn resolve(
         });
     }
     if !looks_like_repo_id(spec) {
-        bail!("--model {spec}: not a directory, not a .gguf file, not a Hugging Face repo id (owner/name) or a GGUF file in one (owner/name/FILE.gguf), not random:SHAPE");
+        let what = if path.exists() {
+            "not a directory, not a .gguf file"
+        } else {
+            "no such file or directory"
+        };
+        bail!("--model {spec}: {what}; and not a Hugging Face repo id (owner/name), a GGUF file in one (owner/name/FILE.gguf) or random:SHAPE");
     }
     let dir = fetch_from_hub(spec, revision, hub).await?;
     Ok(ResolvedModel {
@@ -355,6 +360,25 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn local_paths_that_are_no_model_say_why() {
+        let hub = HubOptions::default();
+        let missing = resolve(Some("/nonexistent/llama-2-7b.Q4_K_M.gguf"), None, &hub)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("no such file or directory"), "{missing}");
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let not_a_model = resolve(Some(manifest), None, &hub)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            not_a_model.contains("not a directory, not a .gguf file"),
+            "{not_a_model}"
+        );
     }
 
     #[test]

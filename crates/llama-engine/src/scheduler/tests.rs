@@ -445,3 +445,23 @@ fn shared_prefixes_under_preemption_and_eviction_give_solo_outputs() {
         assert_eq!(d.sched.num_free_blocks(), blocks, "{blocks}x{block_size}");
     }
 }
+
+#[test]
+fn forks_reserve_only_the_block_they_copy() {
+    // 8 blocks of 4; another sequence holds 2. A 10-token prompt (3 blocks)
+    // with 2 more choices needs 3 + 2 partial-block copies = 5 of the 6
+    // free, not 3 whole prompts (9).
+    let mut d = Driver::new(8, 4, SchedulerConfig::default());
+    d.add(1, prompt(1, 8), 3);
+    d.step();
+    d.sched.add(2, prompt(2, 10), 2, true);
+    let plan = d.sched.schedule();
+    assert!(plan.chunks.iter().any(|c| c.seq == 2), "{plan:?}");
+    d.sched.mark_computed(1, 1);
+    d.sched.mark_computed(2, 10);
+    d.sched.fork(2, 3);
+    d.sched.fork(2, 4);
+    // Both forks got their copy instead of a recompute.
+    assert_eq!(d.sched.num_running(), 4);
+    assert_eq!(d.sched.schedule().copies.len(), 2);
+}

@@ -219,6 +219,26 @@ mod tests {
         assert_eq!(from_file.log_format, built_in.log_format);
     }
 
+    /// The Kubernetes ConfigMap carries the default file verbatim (as
+    /// `scripts/render-configmap.sh` writes it): a key added to one and not
+    /// the other is a deployment that silently differs from the docs.
+    #[test]
+    fn the_kubernetes_config_map_carries_the_default_file() {
+        let default = include_str!("../../../config/default.toml");
+        let config_map = include_str!("../../../deploy/kubernetes/configmap.yaml");
+        let (_, embedded) = config_map
+            .split_once("  config.toml: |\n")
+            .expect("a config.toml entry");
+        let embedded: String = embedded
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        assert_eq!(
+            embedded, default,
+            "deploy/kubernetes/configmap.yaml is stale: bash scripts/render-configmap.sh > deploy/kubernetes/configmap.yaml"
+        );
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("2MiB").unwrap(), 2 * 1024 * 1024);

@@ -801,9 +801,29 @@ impl Engine {
             cached_tokens: r.cached_tokens,
             queue_time: r.queue_time,
         };
-        let logprobs = want_logprobs.then(|| self.logprobs(&p.sampled));
+        let logprobs = want_logprobs.then(|| {
+            let mut lp = self.logprobs(&p.sampled);
+            if p.ends_by_token() {
+                // Counted in usage and scored like any token (log-likelihood
+                // clients read the last entry as the generated one), but it
+                // adds no text, as OpenAI and vLLM report it.
+                lp.chosen.token.clear();
+                lp.chosen.bytes.clear();
+            }
+            lp
+        });
         let events = &self.requests[&request_id].events;
-        if !(p.ends_by_token() && text.is_empty()) {
+        if p.ends_by_token() && logprobs.is_some() && !text.is_empty() {
+            // Text held back from earlier tokens goes out on its own, so the
+            // end token's entry begins where the answer's text ends.
+            let _ = events.send(Ok(StreamEvent::Token {
+                index: choice,
+                id: p.sampled.id,
+                text: std::mem::take(&mut text),
+                logprobs: None,
+            }));
+        }
+        if !(p.ends_by_token() && text.is_empty() && logprobs.is_none()) {
             let _ = events.send(Ok(StreamEvent::Token {
                 index: choice,
                 id: p.sampled.id,

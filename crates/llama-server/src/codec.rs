@@ -36,6 +36,21 @@ pub struct InfillPrompt {
     pub end_token: u32,
 }
 
+/// What a client needs to tokenize and template as the server does: the
+/// special tokens and the chat template as Jinja (`GET /tokenizer_info`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizerInfo {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+    /// Whether `encode(text, add_special_tokens = true)` starts with BOS.
+    pub add_bos_token: bool,
+    /// The model's own template, or Meta's Llama 2 template (as transformers
+    /// ships it) when the model has none: what the chat endpoint renders.
+    pub chat_template: String,
+}
+
 pub trait Codec: Send + Sync + 'static {
     /// `add_special_tokens` adds BOS as the tokenizer's config asks.
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, CodecError>;
@@ -59,4 +74,5 @@ pub trait Codec: Send + Sync + 'static {
     /// `decode(ids)` (special tokens skipped) and, per token, the character
     /// offset in it where the token's text begins.
     fn decode_with_offsets(&self, ids: &[u32]) -> (String, Vec<usize>);
+    fn tokenizer_info(&self) -> TokenizerInfo;
 }

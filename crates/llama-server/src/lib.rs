@@ -33,7 +33,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method, Request};
 use axum::{Extension, Router};
 use tower::ServiceBuilder;
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -58,7 +58,10 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers(Any)
+            // `*` does not cover `Authorization` under the Fetch standard,
+            // and the OpenAI SDKs add headers of their own (`x-stainless-*`,
+            // `openai-organization`, ...): name exactly what the browser asks for.
+            .allow_headers(AllowHeaders::mirror_request())
             .expose_headers([REQUEST_ID_HEADER.clone(), header::RETRY_AFTER])
             .max_age(Duration::from_secs(3600)),
     )

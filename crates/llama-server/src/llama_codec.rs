@@ -1,10 +1,12 @@
 //! [`Codec`] over the engine's Llama tokenizer and chat template.
 
-use llama_engine::chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, Role};
+use llama_engine::chat_template::{
+    ChatMessage, ChatTemplate, ChatTemplateError, Role, LLAMA2_CHAT_TEMPLATE,
+};
 use llama_engine::detokenizer::IncrementalDetokenizer;
 use llama_engine::tokenizer::{Tokenizer, TokenizerError};
 
-use crate::codec::{ChatRole, ChatTurn, Codec, CodecError, InfillPrompt};
+use crate::codec::{ChatRole, ChatTurn, Codec, CodecError, InfillPrompt, TokenizerInfo};
 
 pub struct LlamaCodec {
     tokenizer: Tokenizer,
@@ -123,5 +125,24 @@ impl Codec for LlamaCodec {
         }
         detok.finish();
         (detok.text().to_string(), offsets)
+    }
+
+    fn tokenizer_info(&self) -> TokenizerInfo {
+        let piece = |id: Option<u32>| id.and_then(|id| self.token_str(id));
+        let hf = self.tokenizer.hf();
+        TokenizerInfo {
+            bos_token: piece(self.tokenizer.bos_id()),
+            eos_token: piece(self.tokenizer.eos_id()),
+            unk_token: hf.token_to_id("<unk>").and_then(|id| hf.id_to_token(id)),
+            pad_token: hf
+                .get_padding()
+                .map(|p| p.pad_token.clone())
+                .filter(|t| hf.token_to_id(t).is_some()),
+            add_bos_token: self.tokenizer.add_bos(),
+            chat_template: match &self.template {
+                ChatTemplate::Llama2 => LLAMA2_CHAT_TEMPLATE.to_string(),
+                ChatTemplate::Jinja { source, .. } => source.clone(),
+            },
+        }
     }
 }

@@ -703,7 +703,7 @@ async fn cors_preflight() {
                 .header("access-control-request-method", "POST")
                 .header(
                     "access-control-request-headers",
-                    "authorization, content-type",
+                    "authorization, content-type, x-stainless-os",
                 )
                 .body(Body::empty())
                 .unwrap(),
@@ -714,6 +714,40 @@ async fn cors_preflight() {
         response.headers()["access-control-allow-origin"],
         "http://ui.example"
     );
+    // An explicit list, never `*`: by the Fetch standard a wildcard does not
+    // cover `Authorization`.
+    let allowed: Vec<String> = response.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    for header in ["authorization", "content-type", "x-stainless-os"] {
+        assert!(allowed.iter().any(|h| h == header), "{header} in {allowed:?}");
+    }
+    assert!(!allowed.iter().any(|h| h == "*"), "{allowed:?}");
+    let methods = response.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(methods.contains("POST"), "{methods}");
+    let vary = response.headers()["vary"].to_str().unwrap().to_string();
+    assert!(vary.contains("access-control-request-headers"), "{vary}");
+    // Another origin gets no permission.
+    let response = h
+        .call(
+            Request::options("/v1/chat/completions")
+                .header("origin", "http://evil.example")
+                .header("access-control-request-method", "POST")
+                .header("access-control-request-headers", "authorization")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
 }
 
 #[tokio::test]
@@ -760,4 +794,95 @@ async fn a_client_that_disconnects_mid_stream_cancels_its_generation() {
     }
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+fn keys(v: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("an object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Field by field against OpenAI's documented chat objects (the
+/// `openai/openai-openapi` description marks `message.refusal` and
+/// `logprobs.refusal` required; OpenAI sends both as `null`, and `refusal`
+/// beside the role in a choice's first delta).
+#[tokio::test]
+async fn chat_objects_carry_every_field_openai_sends() {
+    let h = harness(AppOptions::default());
+    let (status, body) = h
+        .post(
+            "/v1/chat/completions",
+            chat_body(json!({"logprobs": true, "top_logprobs": 2})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        keys(&body),
+        ["choices", "created", "id", "model", "object", "system_fingerprint", "usage"]
+    );
+    let choice = &body["choices"][0];
+    assert_eq!(keys(choice), ["finish_reason", "index", "logprobs", "message"]);
+    assert_eq!(keys(&choice["message"]), ["content", "refusal", "role"]);
+    assert!(choice["message"]["refusal"].is_null());
+    assert_eq!(keys(&choice["logprobs"]), ["content", "refusal"]);
+    assert!(choice["logprobs"]["refusal"].is_null());
+    let entry = &choice["logprobs"]["content"][0];
+    assert_eq!(keys(entry), ["bytes", "logprob", "token", "top_logprobs"]);
+    assert_eq!(
+        keys(&entry["top_logprobs"][0]),
+        ["bytes", "logprob", "token"]
+    );
+    // Without logprobs the field is there, null.
+    let (_, plain) = h.post("/v1/chat/completions", chat_body(json!({}))).await;
+    assert!(plain["choices"][0]
+        .as_object()
+        .unwrap()
+        .get("logprobs")
+        .is_some_and(Value::is_null));
+
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            chat_body(json!({"stream": true, "logprobs": true,
+                             "stream_options": {"include_usage": true}}))
+            .to_string(),
+        ))
+        .unwrap();
+    let text = body_text(h.call(request).await).await;
+    let events = sse_events(&text);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    for chunk in &chunks {
+        assert_eq!(
+            keys(chunk)
+                .into_iter()
+                .filter(|k| *k != "usage")
+                .collect::<Vec<_>>(),
+            ["choices", "created", "id", "model", "object", "system_fingerprint"]
+        );
+    }
+    let first = &chunks[0]["choices"][0];
+    assert_eq!(keys(first), ["delta", "finish_reason", "index", "logprobs"]);
+    assert_eq!(
+        first["delta"],
+        json!({"role": "assistant", "content": "", "refusal": null})
+    );
+    let token_chunks: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .filter(|c| !c["logprobs"].is_null())
+        .collect();
+    assert!(!token_chunks.is_empty());
+    for choice in token_chunks {
+        assert_eq!(keys(&choice["delta"]), ["content"]);
+        assert_eq!(keys(&choice["logprobs"]), ["content", "refusal"]);
+        assert!(choice["logprobs"]["refusal"].is_null());
+    }
 }

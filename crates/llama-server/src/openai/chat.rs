@@ -142,6 +142,10 @@ pub struct ChatChoice {
 pub struct ChatMessageOut {
     pub role: String,
     pub content: String,
+    /// Always `null`: the model's own answer, never a refusal by the server.
+    /// OpenAI always sends it, and clients generated from its OpenAPI
+    /// description require it.
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,12 +174,19 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// `Some(None)` writes `"refusal": null`, which OpenAI sends in a
+    /// choice's first delta (beside the role) and nowhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Option<String>>,
 }
 
 /// `{"content": [...]}` as in OpenAI's chat logprobs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
+    /// Always `null` (see [`ChatMessageOut::refusal`]).
+    #[serde(default)]
+    pub refusal: Option<Vec<ChatTokenLogprob>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -85,7 +85,7 @@ pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     /// `null` for an echoed prompt's first token: nothing comes before it.
     pub token_logprobs: Vec<Option<f32>>,
-    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
+    pub top_logprobs: Vec<Option<TopLogprobs>>,
     /// Character offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }
@@ -96,5 +96,48 @@ impl CompletionLogprobs {
         self.token_logprobs.extend(other.token_logprobs);
         self.top_logprobs.extend(other.top_logprobs);
         self.text_offset.extend(other.text_offset);
+    }
+}
+
+/// One position's `top_logprobs` object: token text → logprob, serialized
+/// most likely first as OpenAI sends it (clients read the first key as the
+/// best token). Two ids that decode to the same text keep the likelier one,
+/// so the object never repeats a key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobs(Vec<(String, f32)>);
+
+impl TopLogprobs {
+    pub fn new(entries: impl IntoIterator<Item = (String, f32)>) -> Self {
+        let mut entries: Vec<(String, f32)> = entries.into_iter().collect();
+        entries.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut seen = std::collections::HashSet::new();
+        entries.retain(|(token, _)| seen.insert(token.clone()));
+        Self(entries)
+    }
+
+    pub fn entries(&self) -> &[(String, f32)] {
+        &self.0
+    }
+
+    pub fn get(&self, token: &str) -> Option<f32> {
+        self.0.iter().find(|(t, _)| t == token).map(|&(_, lp)| lp)
+    }
+}
+
+impl Serialize for TopLogprobs {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (token, logprob) in &self.0 {
+            map.serialize_entry(token, logprob)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TopLogprobs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = HashMap::<String, f32>::deserialize(deserializer)?;
+        Ok(Self::new(map))
     }
 }

@@ -146,9 +146,11 @@ pub async fn chat_completions(
                 message: ChatMessageOut {
                     role: "assistant".into(),
                     content: c.text,
+                    refusal: None,
                 },
                 logprobs: logprobs.map(|_| ChatLogprobs {
                     content: c.logprobs.iter().map(chat_logprob).collect(),
+                    refusal: None,
                 }),
                 finish_reason: c.finish_reason.map(|f| f.as_str().to_string()),
             })
@@ -363,6 +365,7 @@ impl ChunkFormatter for ChatFormatter {
                         delta: ChatDelta {
                             role: Some("assistant".into()),
                             content: Some(String::new()),
+                            refusal: Some(None),
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -392,9 +395,11 @@ impl ChunkFormatter for ChatFormatter {
                         delta: ChatDelta {
                             role: None,
                             content: Some(text),
+                            refusal: None,
                         },
                         logprobs: logprobs.map(|lp| ChatLogprobs {
                             content: vec![chat_logprob(&lp)],
+                            refusal: None,
                         }),
                         finish_reason: None,
                     }],

@@ -1,7 +1,5 @@
 //! `POST /v1/completions`.
 
-use std::collections::HashMap;
-
 use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +13,7 @@ use crate::generate::{self, ChoiceEvent, PromptJob};
 use crate::json::ApiJson;
 use crate::openai::common::new_id;
 use crate::openai::completions::{
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, TopLogprobs,
 };
 use crate::openai::{unix_now, UsageInfo};
 use crate::request_id::RequestId;
@@ -340,11 +338,7 @@ pub fn parse_prompt(prompt: &Value, max_prompts: usize) -> Result<Vec<PromptInpu
 }
 
 fn completion_logprob(lp: &SampledLogprobs, offset: usize) -> CompletionLogprobs {
-    let top: HashMap<String, f32> = lp
-        .top
-        .iter()
-        .map(|t| (t.token.clone(), t.logprob))
-        .collect();
+    let top = TopLogprobs::new(lp.top.iter().map(|t| (t.token.clone(), t.logprob)));
     CompletionLogprobs {
         tokens: vec![lp.chosen.token.clone()],
         token_logprobs: vec![Some(lp.chosen.logprob)],

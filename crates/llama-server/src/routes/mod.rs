@@ -24,6 +24,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(models::get))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::require_api_key,

@@ -1,4 +1,6 @@
-//! `POST /tokenize` and `POST /detokenize`, shaped like vLLM's.
+//! `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`, shaped
+//! like vLLM's: with them a client (lm-evaluation-harness's remote tokenizer)
+//! counts and templates tokens exactly as the server does, with no download.
 
 use axum::extract::State;
 use axum::Json;
@@ -125,4 +127,37 @@ pub async fn detokenize(
         })
         .await?;
     Ok(Json(DetokenizeResponse { prompt }))
+}
+
+/// vLLM's `/tokenizer_info`: the tokenizer's config as transformers names it.
+/// lm-evaluation-harness probes it (it needs `eos_token`) before it uses
+/// `/tokenize` and `/detokenize` as its tokenizer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenizerInfoResponse {
+    pub tokenizer_class: String,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub add_bos_token: bool,
+    pub add_eos_token: bool,
+    pub model_max_length: usize,
+    pub chat_template: String,
+    pub clean_up_tokenization_spaces: bool,
+}
+
+pub async fn tokenizer_info(State(state): State<AppState>) -> Json<TokenizerInfoResponse> {
+    let info = state.codec.tokenizer_info();
+    Json(TokenizerInfoResponse {
+        tokenizer_class: "LlamaTokenizerFast".into(),
+        bos_token: info.bos_token,
+        eos_token: info.eos_token,
+        unk_token: info.unk_token,
+        pad_token: info.pad_token,
+        add_bos_token: info.add_bos_token,
+        add_eos_token: false,
+        model_max_length: state.backend.max_context(),
+        chat_template: info.chat_template,
+        clean_up_tokenization_spaces: false,
+    })
 }

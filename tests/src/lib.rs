@@ -92,6 +92,8 @@ fn newest_source_mtime() -> Option<SystemTime> {
     }
     let root = workspace_root();
     let mut newest = None;
+    // The chat page's files are compiled into the binary too (`include_bytes!`).
+    walk(&root.join("crates/llama-server/web"), &mut newest);
     for krate in ["llama-model", "llama-engine", "llama-server"] {
         walk(&root.join("crates").join(krate).join("src"), &mut newest);
         if let Ok(m) = std::fs::metadata(root.join("crates").join(krate).join("Cargo.toml"))

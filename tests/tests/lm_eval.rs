@@ -133,7 +133,10 @@ async fn the_tokenizer_probe_finds_the_servers_tokenizer() {
     assert_eq!(info["add_bos_token"], true);
     assert!(info["model_max_length"].as_u64().unwrap() > 0);
     let template = info["chat_template"].as_str().unwrap();
-    assert!(template.contains("[INST]") && template.contains("<<SYS>>"), "{template}");
+    assert!(
+        template.contains("[INST]") && template.contains("<<SYS>>"),
+        "{template}"
+    );
 
     let post = |path: &'static str, body: Value| {
         let request = server
@@ -209,9 +212,7 @@ async fn a_loglikelihood_scores_the_continuation_even_when_the_model_would_end()
     assert!(whole.len() > context_ids.len(), "{whole:?}");
     let ctxlen = context_ids.len();
 
-    let engine_sum: f64 = prompt_scores(&server, &whole).await[ctxlen..]
-        .iter()
-        .sum();
+    let engine_sum: f64 = prompt_scores(&server, &whole).await[ctxlen..].iter().sum();
     for force_eos in [false, true] {
         let body = lm_eval_request(&server, &whole, force_eos).await;
         let (sum, greedy) = parse_logprobs(&body, ctxlen);
@@ -295,7 +296,8 @@ async fn a_rolling_perplexity_sums_every_window() {
         let mut input = context.clone();
         input.extend_from_slice(continuation);
         let input = input[input.len().saturating_sub(max_length)..].to_vec();
-        let ctxlen = context.len() - (context.len() + continuation.len()).saturating_sub(max_length);
+        let ctxlen =
+            context.len() - (context.len() + continuation.len()).saturating_sub(max_length);
         engine_total += prompt_scores(&server, &input).await[ctxlen..]
             .iter()
             .sum::<f64>();

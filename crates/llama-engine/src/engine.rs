@@ -167,7 +167,9 @@ pub fn start_with_runner(
             max_queue: config.max_queue,
             max_context,
             vocab_size: runner.vocab_size(),
-            max_n: config.max_n,
+            // The choices of one request run side by side: more than a
+            // step holds could never all be admitted.
+            max_n: config.max_n.min(config.max_num_seqs),
             max_logprobs: config.max_logprobs,
         },
         accepting: AtomicBool::new(true),

@@ -360,6 +360,14 @@ impl Scheduler {
         true
     }
 
+    /// Forks that running prompts will still add to the running batch.
+    fn promised_forks(&self) -> usize {
+        self.running
+            .iter()
+            .map(|id| self.seqs[id].reserve_forks)
+            .sum()
+    }
+
     /// Blocks other sequences have been promised for their forks.
     fn reserved_for_forks(&self) -> usize {
         self.running
@@ -451,6 +459,15 @@ impl Scheduler {
             };
             if plan.preempted.contains(&id) {
                 break; // preempted this very step: give memory a step to free up
+            }
+            let s = &self.seqs[&id];
+            // The running batch (vLLM's running queue) holds at most
+            // max_num_seqs sequences, the forks promised to running prompts
+            // counted, so a sequence never holds KV blocks it cannot step with.
+            if self.running.len() + self.promised_forks() + 1 + s.reserve_forks
+                > self.config.max_num_seqs
+            {
+                break;
             }
             let hits = self.cached_prefix(id);
             let s = &self.seqs[&id];

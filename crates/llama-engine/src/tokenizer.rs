@@ -90,6 +90,19 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Turns off the BPE model's word cache. `tokenizers` keeps it per thread
+/// (up to 10,000 words under 256 bytes each, on every thread that ever
+/// encoded), so a server's memory would grow with the number of distinct
+/// short prompts it has seen. It buys nothing for Llama: SentencePiece-style
+/// tokenizers do not split text into words first, so the "word" it caches is
+/// the whole prompt, found again only when the very same prompt comes back.
+fn without_word_cache(tokenizer: &mut tokenizers::Tokenizer) {
+    let mut model = tokenizer.get_model().clone();
+    model.resize_cache(0);
+    model.clear_cache();
+    tokenizer.with_model(model);
+}
+
 /// What `tokenizer_config.json` / `special_tokens_map.json` say about the
 /// special tokens; every field is optional because fine-tunes omit freely.
 #[derive(Default)]
@@ -203,16 +216,18 @@ impl Tokenizer {
             path: path.to_path_buf(),
             message,
         };
-        let inner: tokenizers::Tokenizer =
+        let mut inner: tokenizers::Tokenizer =
             serde_json::from_value(json.clone()).map_err(|e| load_error(e.to_string()))?;
+        without_word_cache(&mut inner);
 
         // Only the special added tokens go: ordinary added tokens are part of
         // how the model segments text and would change the plain ids.
         if let Some(Value::Array(added)) = json.get_mut("added_tokens") {
             added.retain(|t| !t.get("special").and_then(Value::as_bool).unwrap_or(false));
         }
-        let plain: tokenizers::Tokenizer =
+        let mut plain: tokenizers::Tokenizer =
             serde_json::from_value(json).map_err(|e| load_error(e.to_string()))?;
+        without_word_cache(&mut plain);
 
         let lookup = |configured: Option<String>, fallback: &str| {
             configured

@@ -15,6 +15,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// An on/off setting, typed when parsed (`on`/`off`, also `true`/`false` in TOML as strings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
+}
+
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "llama-serve",
@@ -152,6 +166,34 @@ pub struct Cli {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT [default: 30].
     #[arg(long, env = "LLAMA_SERVE_SHUTDOWN_TIMEOUT", value_name = "SECONDS")]
     pub shutdown_timeout: Option<f64>,
+
+    /// Seconds a connection has to send a complete request head, from its
+    /// opening or its previous response (so it also closes idle HTTP/1
+    /// keep-alive connections); 0 = no limit [default: 30].
+    #[arg(long, env = "LLAMA_SERVE_HEADER_READ_TIMEOUT", value_name = "SECONDS")]
+    pub header_read_timeout: Option<f64>,
+
+    /// Seconds a request body may send nothing before the request fails
+    /// with 408; 0 = no limit [default: 60].
+    #[arg(long, env = "LLAMA_SERVE_BODY_READ_TIMEOUT", value_name = "SECONDS")]
+    pub body_read_timeout: Option<f64>,
+
+    /// Seconds a connection with no request in progress stays open; 0 = no
+    /// limit [default: 60].
+    #[arg(long, env = "LLAMA_SERVE_IDLE_TIMEOUT", value_name = "SECONDS")]
+    pub idle_timeout: Option<f64>,
+
+    /// Most open client connections. At the cap the connection idle the
+    /// longest is closed to make room; new ones are refused only while every
+    /// connection has a request in progress. Capped by the open-files limit,
+    /// which is raised to its hard limit at start [default: 4096].
+    #[arg(long, env = "LLAMA_SERVE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// on or off [default: on]: serve the built-in chat page at / (its API
+    /// calls still need a key when keys are set).
+    #[arg(long, env = "LLAMA_SERVE_WEB_UI")]
+    pub web_ui: Option<Switch>,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -185,6 +227,11 @@ pub struct FileConfig {
     pub default_system_prompt: Option<String>,
     pub log_format: Option<LogFormat>,
     pub shutdown_timeout: Option<f64>,
+    pub header_read_timeout: Option<f64>,
+    pub body_read_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub max_connections: Option<usize>,
+    pub web_ui: Option<Switch>,
 }
 
 /// A size written as a number of bytes or a string with a unit.

@@ -1,7 +1,8 @@
 //! Text ↔ tokens as the HTTP layer needs it: prompt encoding, the chat
 //! template and `/tokenize`. A trait, like [`crate::backend::Backend`], so the
 //! handlers do not depend on how a model directory spells its tokenizer.
-//! Every method may be slow (long prompts): call them from `spawn_blocking`.
+//! Every method may be slow (long prompts): call them through
+//! [`crate::state::AppState::blocking`], on the codec pool.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatRole {

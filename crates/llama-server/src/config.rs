@@ -95,6 +95,19 @@ fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(value))
 }
 
+/// Keys given on the command line, in the environment or in the file: a
+/// blank one is a mistake (an unset variable in a template, a stray comma)
+/// that must not quietly turn authentication off or on for the wrong key.
+fn usable_keys(keys: Vec<String>, source: &str) -> anyhow::Result<Vec<String>> {
+    if keys.iter().any(|k| k.trim().is_empty()) {
+        bail!(
+            "{source}: an API key is empty or blank; refusing to start \
+             (leave the option out for a server without authentication)"
+        );
+    }
+    Ok(keys.into_iter().map(|k| k.trim().to_string()).collect())
+}
+
 /// API keys from a file: one per line, blank lines and `#` comments skipped.
 pub fn read_key_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
@@ -114,12 +127,20 @@ impl ServerConfig {
         let mut app = d.app.clone();
 
         app.api_keys = if cli.api_keys.is_empty() {
-            file.api_keys
+            usable_keys(file.api_keys, "the config file's `api_keys`")?
         } else {
-            cli.api_keys
+            usable_keys(cli.api_keys, "--api-key (or LLAMA_SERVE_API_KEY)")?
         };
         if let Some(path) = cli.api_key_file.or(file.api_key_file) {
-            app.api_keys.extend(read_key_file(&path)?);
+            let keys = read_key_file(&path)?;
+            if keys.is_empty() {
+                bail!(
+                    "--api-key-file {}: the file holds no key (only blank lines or # comments); \
+                     refusing to start without authentication",
+                    path.display()
+                );
+            }
+            app.api_keys.extend(keys);
         }
         app.cors_allow_origins = if cli.cors_allow_origins.is_empty() {
             file.cors_allow_origins
@@ -142,6 +163,35 @@ impl ServerConfig {
             app.request_timeout = (!t.is_zero()).then_some(t);
         }
         app.default_system_prompt = cli.default_system_prompt.or(file.default_system_prompt);
+        let optional_seconds =
+            |value: Option<f64>, name: &str, current: Option<Duration>| match value {
+                Some(t) => seconds(t, name).map(|t| (!t.is_zero()).then_some(t)),
+                None => Ok(current),
+            };
+        app.connections.header_read_timeout = optional_seconds(
+            cli.header_read_timeout.or(file.header_read_timeout),
+            "header-read-timeout",
+            app.connections.header_read_timeout,
+        )?;
+        app.connections.idle_timeout = optional_seconds(
+            cli.idle_timeout.or(file.idle_timeout),
+            "idle-timeout",
+            app.connections.idle_timeout,
+        )?;
+        app.body_read_timeout = optional_seconds(
+            cli.body_read_timeout.or(file.body_read_timeout),
+            "body-read-timeout",
+            app.body_read_timeout,
+        )?;
+        if let Some(max) = cli.max_connections.or(file.max_connections) {
+            if max == 0 {
+                bail!("--max-connections must be positive");
+            }
+            app.connections.max_connections = max;
+        }
+        if let Some(switch) = cli.web_ui.or(file.web_ui) {
+            app.web_ui = switch.is_on();
+        }
 
         let shutdown_timeout = match cli.shutdown_timeout.or(file.shutdown_timeout) {
             Some(t) => seconds(t, "shutdown-timeout")?,
@@ -217,6 +267,12 @@ mod tests {
         assert_eq!(from_file.app.request_timeout, built_in.app.request_timeout);
         assert_eq!(from_file.shutdown_timeout, built_in.shutdown_timeout);
         assert_eq!(from_file.log_format, built_in.log_format);
+        assert_eq!(from_file.app.web_ui, built_in.app.web_ui);
+        assert_eq!(from_file.app.connections, built_in.app.connections);
+        assert_eq!(
+            from_file.app.body_read_timeout,
+            built_in.app.body_read_timeout
+        );
     }
 
     /// The Kubernetes ConfigMap carries the default file verbatim (as
@@ -237,6 +293,80 @@ mod tests {
             embedded, default,
             "deploy/kubernetes/configmap.yaml is stale: bash scripts/render-configmap.sh > deploy/kubernetes/configmap.yaml"
         );
+    }
+
+    #[test]
+    fn key_options_that_give_no_usable_key_refuse_to_start() {
+        let merge = |args: &[&str], file: &str| {
+            let mut argv = vec!["llama-serve"];
+            argv.extend_from_slice(args);
+            ServerConfig::merge(
+                Cli::try_parse_from(argv).unwrap(),
+                FileConfig::from_toml(file).unwrap(),
+                HubOptions::default(),
+            )
+        };
+        for args in [
+            &["--api-key", ""][..],
+            &["--api-key", "   "],
+            &["--api-key", "a,,b"],
+        ] {
+            let err = merge(args, "").unwrap_err().to_string();
+            assert!(err.contains("--api-key"), "{args:?}: {err}");
+        }
+        let err = merge(&[], "api_keys = [\" \"]").unwrap_err().to_string();
+        assert!(err.contains("api_keys"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# only a comment\n\n   \n").unwrap();
+        let err = merge(&["--api-key-file", file.to_str().unwrap()], "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--api-key-file") && err.contains("no key"),
+            "{err}"
+        );
+        std::fs::write(&file, "# a key\nsk-1\n").unwrap();
+        let ok = merge(
+            &[
+                "--api-key-file",
+                file.to_str().unwrap(),
+                "--api-key",
+                " sk-2 ",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(ok.app.api_keys, ["sk-2", "sk-1"]);
+        // Leaving every key option out is a server without authentication.
+        assert!(merge(&[], "").unwrap().app.api_keys.is_empty());
+    }
+
+    #[test]
+    fn connection_limits_are_typed_at_parse_time() {
+        let cli = Cli::try_parse_from([
+            "llama-serve",
+            "--header-read-timeout",
+            "5",
+            "--idle-timeout",
+            "0",
+            "--max-connections",
+            "10",
+        ])
+        .unwrap();
+        let file = FileConfig::from_toml("body_read_timeout = 2.5").unwrap();
+        let c = ServerConfig::merge(cli, file, HubOptions::default()).unwrap();
+        assert_eq!(
+            c.app.connections.header_read_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(c.app.connections.idle_timeout, None);
+        assert_eq!(c.app.connections.max_connections, 10);
+        assert_eq!(c.app.body_read_timeout, Some(Duration::from_millis(2500)));
+        let bad = Cli::try_parse_from(["llama-serve", "--max-connections", "0"]).unwrap();
+        assert!(ServerConfig::merge(bad, FileConfig::default(), HubOptions::default()).is_err());
+        let bad = Cli::try_parse_from(["llama-serve", "--idle-timeout=-1"]).unwrap();
+        assert!(ServerConfig::merge(bad, FileConfig::default(), HubOptions::default()).is_err());
     }
 
     #[test]

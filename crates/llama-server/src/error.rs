@@ -47,6 +47,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("the request did not finish within the request timeout")]
     Timeout,
+    #[error("the request body stopped arriving: nothing was received for {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// The detail is logged, never sent: it may name files, devices or internals.
     #[error("internal error: {0}")]
     Internal(String),
@@ -93,6 +95,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -124,6 +127,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("server_overloaded")),
             ApiError::Unavailable(_) => ("server_error", None, Some("service_unavailable")),
             ApiError::Timeout => ("server_error", None, Some("timeout")),
+            ApiError::BodyTimeout(_) => ("invalid_request_error", None, Some("request_timeout")),
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
         };
         let message = match self {

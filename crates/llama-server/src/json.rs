@@ -26,9 +26,14 @@ where
             .get::<BodyLimit>()
             .map(|l| l.0)
             .unwrap_or_default();
+        let body_timeout = req.extensions().get::<BodyTimeout>().map(|t| t.0);
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit }
+            } else if crate::guards::is_body_stall(&rejection)
+                || rejection.body_text().contains("request body stalled")
+            {
+                ApiError::BodyTimeout(body_timeout.unwrap_or_default())
             } else {
                 ApiError::invalid(
                     format!("could not read the request body: {}", rejection.body_text()),
@@ -39,6 +44,10 @@ where
         parse(&bytes).map(ApiJson)
     }
 }
+
+/// The body-read timeout, put into request extensions so rejections can state it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
 
 /// The configured body limit, put into request extensions so rejections can state it.
 #[derive(Debug, Clone, Copy)]

@@ -9,11 +9,14 @@ pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod codec;
+pub mod codec_pool;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod generation_defaults;
+pub mod guards;
 pub mod json;
+pub mod listener;
 pub mod llama_codec;
 pub mod metrics;
 pub mod model_source;
@@ -25,6 +28,7 @@ pub mod sse;
 pub mod startup;
 pub mod state;
 pub mod validation;
+pub mod web_ui;
 
 use std::future::Future;
 use std::time::Duration;
@@ -71,8 +75,10 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 pub fn app(state: AppState) -> Router {
     let limit = state.options.max_request_bytes;
     let cors = cors_layer(&state.options.cors_allow_origins);
+    let guard = axum::middleware::from_fn_with_state(state.clone(), guards::guard);
     routes::router(state).layer(
         ServiceBuilder::new()
+            .layer(axum::middleware::from_fn(guards::drop_unusable_request_id))
             .layer(SetRequestIdLayer::new(
                 REQUEST_ID_HEADER.clone(),
                 MakeRequestUuid,
@@ -97,15 +103,17 @@ pub fn app(state: AppState) -> Router {
             )
             .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER.clone()))
             .option_layer(cors)
+            .layer(guard)
             .layer(DefaultBodyLimit::max(limit))
             .layer(Extension(BodyLimit(limit))),
     )
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains: the
-/// engine stops accepting (so `/ready` turns 503 and new generations get
-/// 503), the listener closes, and in-flight requests get `shutdown_timeout`
-/// to finish before the engine ends them with an error.
+/// engine stops accepting (so `/ready` and every new request but the probes
+/// answer 503, on new connections too), and in-flight requests get
+/// `shutdown_timeout` to finish before the engine ends them with an error.
+/// Returns once no request is in progress.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -113,37 +121,39 @@ pub async fn serve(
     shutdown_timeout: Duration,
 ) -> std::io::Result<()> {
     let backend = state.backend.clone();
+    let limits = state.options.connections.clone();
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
     let drain_backend = backend.clone();
-    let signal = async move {
+    tokio::spawn(async move {
         shutdown.await;
         drain_backend.stop_accepting();
         let _ = drain_tx.send(true);
-    };
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(signal);
-    let server = std::future::IntoFuture::into_future(server);
+    });
+    let server = listener::serve(listener, app(state), limits, drain_rx.clone());
     tokio::pin!(server);
     let deadline = async move {
         let _ = drain_rx.wait_for(|draining| *draining).await;
         tokio::time::sleep(shutdown_timeout).await;
     };
-    let result = tokio::select! {
-        result = &mut server => result,
+    tokio::select! {
+        () = &mut server => {}
         _ = deadline => {
             tracing::warn!(?shutdown_timeout, "shutdown timeout: ending the requests still in flight");
             backend.shutdown();
             // The engine now sends each remaining stream its error event; give them a moment to flush.
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
-            Ok(())
         }
-    };
+    }
     backend.shutdown();
-    result
+    Ok(())
 }
 
 /// Loads the model, listens, prints `llama-serve listening on http://ADDR`,
 /// and serves until SIGTERM or SIGINT.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let mut config = config;
+    config.app.connections.max_connections =
+        listener::raise_open_files_limit(config.app.connections.max_connections);
     let state = startup::load(&config).await?;
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await

@@ -7,7 +7,9 @@ use std::time::Duration;
 use crate::auth::ApiKeys;
 use crate::backend::Backend;
 use crate::codec::Codec;
+use crate::codec_pool::CodecPool;
 use crate::generation_defaults::GenerationDefaults;
+use crate::listener::ConnectionLimits;
 use crate::openai::unix_now;
 use crate::validation::ApiLimits;
 
@@ -55,6 +57,14 @@ pub struct AppOptions {
     pub limits: ApiLimits,
     /// `/v1/completions` without `max_tokens` gets this many (OpenAI's and vLLM's 16).
     pub completions_default_max_tokens: usize,
+    /// Serve the built-in chat page at `/`.
+    pub web_ui: bool,
+    /// Threads that tokenize and render chat templates.
+    pub codec_threads: usize,
+    /// A request body that sends nothing for this long fails with 408.
+    pub body_read_timeout: Option<Duration>,
+    /// Header-read and idle timeouts, the connection cap.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for AppOptions {
@@ -69,6 +79,11 @@ impl Default for AppOptions {
             generation_defaults: GenerationDefaults::default(),
             limits: ApiLimits::default(),
             completions_default_max_tokens: 16,
+            web_ui: true,
+            codec_threads: crate::codec_pool::default_threads(),
+            // nginx's client_body_timeout.
+            body_read_timeout: Some(Duration::from_secs(60)),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -81,6 +96,7 @@ pub struct AppInner {
     pub options: AppOptions,
     pub api_keys: ApiKeys,
     pub system_fingerprint: String,
+    pub codec_pool: CodecPool,
 }
 
 /// Cheap to clone.
@@ -102,6 +118,8 @@ impl AppState {
         options: AppOptions,
     ) -> Self {
         let api_keys = ApiKeys::new(options.api_keys.iter().cloned());
+        let codec_pool =
+            CodecPool::new(options.codec_threads).expect("starting the tokenizer threads");
         Self(Arc::new(AppInner {
             backend,
             codec,
@@ -110,17 +128,20 @@ impl AppState {
             api_keys,
             options,
             system_fingerprint: format!("fp_llama-serve-{}", env!("CARGO_PKG_VERSION")),
+            codec_pool,
         }))
     }
 
-    /// Runs text ↔ token work off the async threads: a long prompt takes milliseconds.
+    /// Runs text ↔ token work on the codec pool, off the async threads: a
+    /// long prompt takes milliseconds.
     pub async fn blocking<T, F>(&self, f: F) -> Result<T, crate::error::ApiError>
     where
         F: FnOnce(&dyn Codec) -> Result<T, crate::error::ApiError> + Send + 'static,
         T: Send + 'static,
     {
         let codec = self.codec.clone();
-        tokio::task::spawn_blocking(move || f(codec.as_ref()))
+        self.codec_pool
+            .run(move || f(codec.as_ref()))
             .await
             .map_err(crate::error::ApiError::internal)?
     }

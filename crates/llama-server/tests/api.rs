@@ -723,7 +723,10 @@ async fn cors_preflight() {
         .map(|h| h.trim().to_ascii_lowercase())
         .collect();
     for header in ["authorization", "content-type", "x-stainless-os"] {
-        assert!(allowed.iter().any(|h| h == header), "{header} in {allowed:?}");
+        assert!(
+            allowed.iter().any(|h| h == header),
+            "{header} in {allowed:?}"
+        );
     }
     assert!(!allowed.iter().any(|h| h == "*"), "{allowed:?}");
     let methods = response.headers()["access-control-allow-methods"]
@@ -823,10 +826,21 @@ async fn chat_objects_carry_every_field_openai_sends() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         keys(&body),
-        ["choices", "created", "id", "model", "object", "system_fingerprint", "usage"]
+        [
+            "choices",
+            "created",
+            "id",
+            "model",
+            "object",
+            "system_fingerprint",
+            "usage"
+        ]
     );
     let choice = &body["choices"][0];
-    assert_eq!(keys(choice), ["finish_reason", "index", "logprobs", "message"]);
+    assert_eq!(
+        keys(choice),
+        ["finish_reason", "index", "logprobs", "message"]
+    );
     assert_eq!(keys(&choice["message"]), ["content", "refusal", "role"]);
     assert!(choice["message"]["refusal"].is_null());
     assert_eq!(keys(&choice["logprobs"]), ["content", "refusal"]);
@@ -865,7 +879,14 @@ async fn chat_objects_carry_every_field_openai_sends() {
                 .into_iter()
                 .filter(|k| *k != "usage")
                 .collect::<Vec<_>>(),
-            ["choices", "created", "id", "model", "object", "system_fingerprint"]
+            [
+                "choices",
+                "created",
+                "id",
+                "model",
+                "object",
+                "system_fingerprint"
+            ]
         );
     }
     let first = &chunks[0]["choices"][0];

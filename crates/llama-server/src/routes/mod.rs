@@ -30,10 +30,13 @@ pub fn router(state: AppState) -> Router {
             crate::auth::require_api_key,
         ));
     // Probes stay open: orchestrators do not carry API keys.
-    let public = Router::new()
+    let mut public = Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(crate::metrics::metrics));
+    if state.options.web_ui {
+        public = public.merge(crate::web_ui::router());
+    }
     public
         .merge(protected)
         .fallback(not_found)
